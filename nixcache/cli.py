@@ -1,0 +1,108 @@
+"""Command line: parse arguments, load config, call one function, print. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from nixcache import defaults
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nixcache", description="A Nix binary cache in any S3 bucket.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    config_help = f"config file (default ${defaults.CONFIG_ENV}, else {defaults.CONFIG_FILE})"
+
+    serve = sub.add_parser("serve", help="run the daemon: FIFO reader and upload workers")
+    serve.add_argument("--config", help=config_help)
+    serve.add_argument(
+        "--embedded",
+        metavar="STATE_DIR",
+        nargs="?",
+        const=str(Path.home() / ".local/state/nixcache-embedded"),
+        help="try it out: start a local SeaweedFS on loopback with a generated key (no config file)",
+    )
+
+    sub.add_parser("hook", help="the post-build hook (reads OUT_PATHS/DRV_PATH; never fails the build)")
+
+    push = sub.add_parser("push", help="push the closures of store paths now, in the foreground")
+    push.add_argument("--config", help=config_help)
+    push.add_argument("paths", nargs="+", metavar="STORE_PATH")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "hook":  # stays light: no heavy imports on the build's path
+        from nixcache import hook
+
+        return hook.main()
+
+    from nixcache import logs
+    from nixcache.errors import NixcacheError
+
+    logs.configure(args.log_level)
+    try:
+        if args.command == "serve":
+            return _serve(args.config, args.embedded)
+        if args.command == "push":
+            return _push(args.config, args.paths)
+    except NixcacheError as e:
+        print(f"nixcache: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)
+
+
+def _serve(config: str | None, embedded: str | None) -> int:
+    from nixcache.config import load_config
+    from nixcache.service import Service
+
+    if embedded is None:
+        cfg, path = load_config(config)
+        return asyncio.run(Service(cfg, path).run())
+
+    from nixcache import embedded as emb
+
+    cfg, weed = emb.prepare(Path(embedded))
+    try:
+        asyncio.run(emb.create_bucket(cfg))
+        pub = (Path(embedded) / "signing.pub").read_text().strip()
+        print(
+            f"nixcache: embedded SeaweedFS at {weed.endpoint}, bucket {cfg.s3.bucket}\n"
+            f"  substituter:       {weed.endpoint}/{cfg.s3.bucket}\n"
+            f"  trusted key:       {pub}\n"
+            f"  post-build hook:   NIXCACHE_CONFIG= nixcache-hook  (fifo {cfg.fifo})\n"
+            f"  try:  nix-build ... --option post-build-hook $(command -v nixcache-hook)"
+            f" with NIXCACHE_CONFIG={Path(embedded) / 'config.toml'}",
+            file=sys.stderr,
+        )
+        (Path(embedded) / "config.toml").write_text(
+            f'state_dir = "{cfg.state_dir}"\nfifo = "{cfg.fifo}"\n'
+            f'[s3]\nbucket = "{cfg.s3.bucket}"\nendpoint = "{cfg.s3.endpoint}"\n'
+            f'credentials_file = "{cfg.s3.credentials_file}"\n'
+            f'[signing]\nsecret_key_file = "{cfg.signing.secret_key_file}"\n'
+        )
+        from nixcache.service import Service
+
+        return asyncio.run(Service(cfg, Path(embedded) / "config.toml").run())
+    finally:
+        weed.stop()
+
+
+def _push(config: str | None, paths: list[str]) -> int:
+    from nixcache.config import load_config
+    from nixcache.push import push
+
+    cfg, _ = load_config(config)
+    resolved = [os.path.realpath(p) for p in paths]
+    return asyncio.run(push(cfg, resolved, tty=sys.stderr.isatty()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Configuration: one TOML file, validated by pydantic, reloadable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nixcache import defaults
+from nixcache.errors import ConfigError, SigningError
+from nixcache.signing import SecretKey
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class S3Config(_Section):
+    bucket: str = Field(min_length=3, max_length=63)
+    endpoint: str | None = None
+    """e.g. ``https://s3.us-west-004.backblazeb2.com``; unset means AWS."""
+    region: str = "us-east-1"
+    profile: str | None = None
+    credentials_file: Path | None = None
+    """An AWS-style shared credentials file; unset uses the usual AWS_* variables/files."""
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    max_attempts: int = Field(default=6, ge=1, le=20)
+    """Attempts per request (exponential backoff with jitter on 5xx, SlowDown, connection errors)."""
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+
+
+class SigningConfig(_Section):
+    secret_key_file: Path
+
+
+class UploadConfig(_Section):
+    workers: int = Field(default=4, ge=1, le=64)
+    compression: Literal["zstd", "xz", "none"] = "zstd"
+    compression_level: int | None = Field(default=None, ge=0, le=22)
+    skip_signed_by: tuple[str, ...] = ("cache.nixos.org-1",)
+    priority: int = Field(default=40, ge=0)
+    queue_size: int = Field(default=1000, ge=1)
+    part_size_mb: int = Field(default=16, ge=5, le=512)
+    retry_interval: float = Field(default=60.0, gt=0)
+    """Seconds between attempts at paths whose upload failed (they stay pending meanwhile)."""
+    spool_interval: float = Field(default=10.0, gt=0)
+    drain_timeout: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight uploads may finish before they are left pending."""
+
+    def level(self) -> int:
+        if self.compression_level is not None:
+            return self.compression_level
+        return {"zstd": 3, "xz": 6, "none": 0}[self.compression]
+
+
+class Config(_Section):
+    hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    store_dir: str = defaults.STORE_DIR
+    gcroots_dir: Path = Path(defaults.GCROOTS_DIR)
+    state_dir: Path = Path(defaults.STATE_DIR)
+    fifo: Path = Path(defaults.FIFO)
+    s3: S3Config
+    signing: SigningConfig
+    upload: UploadConfig = UploadConfig()
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--config``, else ``$NIXCACHE_CONFIG``, else the system default."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(defaults.CONFIG_ENV) or defaults.CONFIG_FILE)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top)"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data: dict[str, object], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> tuple[Config, Path]:
+    """Read and validate the config file; every problem becomes one ConfigError line."""
+    p = config_path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist (use --config or ${defaults.CONFIG_ENV})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, str(p)), p
+
+
+def load_signing_key(cfg: Config) -> SecretKey:
+    """The secret key named by ``[signing] secret_key_file``, with a clear error if unusable."""
+    path = cfg.signing.secret_key_file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SigningError(f"signing key file {path} does not exist (create one with "
+                           "`nix-store --generate-binary-cache-key NAME {path} {path}.pub`)") from None
+    except OSError as e:
+        raise SigningError(f"cannot read signing key file {path}: {e.strerror}") from None
+    return SecretKey.parse(text)

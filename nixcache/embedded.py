@@ -1,0 +1,54 @@
+"""``nixcache serve --embedded``: a complete setup on loopback with no cloud account.
+
+Starts a SeaweedFS server (data, ports and a generated signing key kept in the state
+dir, so restarts reuse them), creates the bucket and returns the config to serve with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nixcache.config import Config, parse_config
+from nixcache.journal import write_atomic
+from nixcache.s3 import S3
+from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.signing import SecretKey
+
+BUCKET = "nixcache"
+
+
+def prepare(state_dir: Path) -> tuple[Config, SeaweedFS]:
+    """Start (or restart) the embedded server; write its credentials and key; build the config."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    weed = SeaweedFS(state_dir / "seaweedfs")
+    ports_file = state_dir / "seaweedfs-ports.json"
+    if ports_file.exists():
+        weed.ports = {k: int(v) for k, v in json.loads(ports_file.read_text()).items()}
+    weed.start()
+    write_atomic(ports_file, json.dumps(weed.ports).encode())
+    creds = state_dir / "credentials"
+    write_atomic(creds, f"[default]\naws_access_key_id = {ACCESS_KEY}\n"
+                        f"aws_secret_access_key = {SECRET_KEY}\n".encode())  # fmt: skip
+    creds.chmod(0o600)
+    key_file = state_dir / "signing.key"
+    if not key_file.exists():
+        key = SecretKey.generate("nixcache-embedded-1")
+        write_atomic(key_file, key.render().encode())
+        key_file.chmod(0o600)
+        (state_dir / "signing.pub").write_text(str(key.public) + "\n")
+    cfg = parse_config(
+        {
+            "state_dir": str(state_dir),
+            "fifo": str(state_dir / "hook.fifo"),
+            "s3": {"bucket": BUCKET, "endpoint": weed.endpoint, "credentials_file": str(creds)},
+            "signing": {"secret_key_file": str(key_file)},
+        },
+        "embedded",
+    )
+    return cfg, weed
+
+
+async def create_bucket(cfg: Config) -> None:
+    async with S3(cfg.s3) as s3:
+        await s3.create_bucket()

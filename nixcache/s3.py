@@ -1,0 +1,207 @@
+"""The only module that talks to S3: an aiobotocore client with retries and request counters.
+
+Every HTTP request (retries included: users pay for those too) is counted by operation,
+globally and for the job running in the current asyncio context (see :func:`job_requests`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import aiobotocore.session
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from nixcache.errors import S3Error
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+    from nixcache.config import S3Config
+
+_job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
+
+
+@contextlib.contextmanager
+def job_requests() -> Iterator[Counter[str]]:
+    """Count the requests made inside this block (in this task and tasks it starts).
+
+    Blocks nest: a request counts in every enclosing block."""
+    counter: Counter[str] = Counter()
+    token = _job_counters.set((*_job_counters.get(), counter))
+    try:
+        yield counter
+    finally:
+        _job_counters.reset(token)
+
+
+def _describe(err: Exception, bucket: str, key: str | None) -> S3Error:
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "?")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        hint = {
+            "InvalidAccessKeyId": "the access key is not known to the endpoint: check credentials_file/profile",
+            "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
+            "AccessDenied": "these credentials may not do this: check the bucket policy",
+            "NoSuchBucket": "the bucket does not exist: create it first",
+        }.get(str(code), "")
+        return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
+    return S3Error(f"{where}: {err}")
+
+
+class S3:
+    """One bucket. Use as ``async with S3(cfg) as s3:``."""
+
+    def __init__(self, cfg: S3Config) -> None:
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.requests: Counter[str] = Counter()
+        self._stack = contextlib.AsyncExitStack()
+        self._client: S3Client | None = None
+
+    async def __aenter__(self) -> S3:
+        session = aiobotocore.session.get_session()
+        if self.cfg.credentials_file is not None:
+            session.set_config_variable("credentials_file", str(self.cfg.credentials_file))
+        if self.cfg.profile is not None:
+            session.set_config_variable("profile", self.cfg.profile)
+        config = AioConfig(
+            region_name=self.cfg.region,
+            retries={"mode": "standard", "max_attempts": self.cfg.max_attempts},
+            connect_timeout=self.cfg.connect_timeout,
+            read_timeout=self.cfg.read_timeout,
+            s3={"addressing_style": self.cfg.addressing_style},
+            max_pool_connections=64,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            client = await self._stack.enter_async_context(
+                session.create_client("s3", endpoint_url=self.cfg.endpoint, config=config)
+            )
+        except BotoCoreError as e:
+            raise S3Error(f"cannot create S3 client: {e}") from None
+        client.meta.events.register("before-send.s3", self._count)
+        self._client = client
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    def _count(self, event_name: str, **_: Any) -> None:
+        op = event_name.rsplit(".", 1)[-1]
+        self.requests[op] += 1
+        for job in _job_counters.get():
+            job[op] += 1
+
+    @property
+    def client(self) -> S3Client:
+        assert self._client is not None, "use `async with S3(...)`"
+        return self._client
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise _describe(e, self.bucket, key) from None
+        except BotoCoreError as e:
+            raise _describe(e, self.bucket, key) from None
+
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        try:
+            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                return await body.read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _describe(e, self.bucket, key) from None
+        except BotoCoreError as e:
+            raise _describe(e, self.bucket, key) from None
+
+    async def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        try:
+            await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, key) from None
+
+    async def upload_stream(
+        self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str
+    ) -> None:
+        """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.
+
+        The object appears only once the stream is exhausted without error; on any error an
+        open multipart upload is aborted.
+        """
+        buf = bytearray()
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        client = self.client
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                while len(buf) >= part_size:
+                    if upload_id is None:
+                        resp = await client.create_multipart_upload(
+                            Bucket=self.bucket, Key=key, ContentType=content_type
+                        )
+                        upload_id = resp["UploadId"]
+                    part, buf = bytes(buf[:part_size]), buf[part_size:]
+                    n = len(parts) + 1
+                    r = await client.upload_part(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=part
+                    )
+                    parts.append({"ETag": r["ETag"], "PartNumber": n})
+            if upload_id is None:
+                await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
+                return
+            if buf or not parts:
+                n = len(parts) + 1
+                r = await client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=bytes(buf)
+                )
+                parts.append({"ETag": r["ETag"], "PartNumber": n})
+            await client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+            upload_id = None
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, key) from None
+        finally:
+            if upload_id is not None:
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object under ``prefix`` (paged LIST), as the API's dicts (Key, Size, ETag…)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield dict(obj)
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, prefix) from None
+
+    async def create_bucket(self) -> None:
+        """Create the bucket if it is missing (embedded mode, tests, benchmarks)."""
+        try:
+            await self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError:
+            pass
+        try:
+            await self.client.create_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, None) from None

@@ -1,0 +1,305 @@
+"""``nixcache serve``: wires the tasks together — FIFO reader, spool import, upload workers,
+reload on SIGHUP, drain on SIGTERM. The decisions live in the modules it calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from nixcache import store
+from nixcache.config import Config, load_config, load_signing_key
+from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
+from nixcache.journal import Journal
+from nixcache.logs import get
+from nixcache.s3 import S3
+from nixcache.uploader import Uploader
+
+log = get("nixcache.service")
+
+MAX_LINE = 4096
+READ_SIZE = 1 << 16
+
+
+class Bucket:
+    """An open S3 client and the uploader using it; retired (closed) once no job uses it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.s3 = S3(cfg.s3)
+        self.uploader: Uploader | None = None
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def open(self) -> Bucket:
+        key = load_signing_key(self.cfg)
+        await self.s3.__aenter__()
+        self.uploader = Uploader(self.cfg, self.s3, key)
+        return self
+
+    async def close(self) -> None:
+        await self.idle.wait()
+        await self.s3.__aexit__(None, None, None)
+
+    @contextlib.contextmanager
+    def use(self) -> Uploader:  # type: ignore[misc]
+        assert self.uploader is not None
+        self.active += 1
+        self.idle.clear()
+        try:
+            yield self.uploader
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
+
+
+class Service:
+    def __init__(self, cfg: Config, config_file: Path | None) -> None:
+        self.cfg = cfg
+        self.config_file = config_file
+        self.journal = Journal(cfg.state_dir)
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=cfg.upload.queue_size)
+        self.queued: set[str] = set()
+        self.failed_at: dict[str, float] = {}
+        self.bucket: Bucket | None = None
+        self.workers: dict[int, asyncio.Task[None]] = {}
+        self.busy: set[int] = set()
+        self.stopping = asyncio.Event()
+        self._fifo_fd: int | None = None
+        self._partial = bytearray()
+        self._discarding = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- input: FIFO and spool -------------------------------------------------------------
+
+    def accept(self, line: str, source: str) -> bool:
+        """Journal a store path received from the hook; False (and logged) if it is not one."""
+        line = line.strip()
+        if not line:
+            return False
+        try:
+            path = store.parse_store_path(line, self.cfg.store_dir)
+        except StoreError as e:
+            log.warning("input.rejected", source=source, reason=str(e))
+            return False
+        if self.journal.add(path):
+            log.info("path.received", path=path, source=source)
+        self._enqueue(path)
+        return True
+
+    def _enqueue(self, path: str) -> None:
+        if path in self.queued or self.stopping.is_set():
+            return
+        try:
+            self.queue.put_nowait(path)
+        except asyncio.QueueFull:
+            return  # stays in the journal; the refill loop enqueues it when there is room
+        self.queued.add(path)
+
+    def _open_fifo(self) -> None:
+        fifo = self.cfg.fifo
+        fifo.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            st = os.stat(fifo)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise NixcacheError(f"{fifo} exists and is not a FIFO; remove it or change `fifo`")
+        except FileNotFoundError:
+            os.mkfifo(fifo, 0o600)
+        # O_RDWR: we are a writer too, so the FIFO never reports EOF when hooks close it.
+        self._fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        asyncio.get_running_loop().add_reader(self._fifo_fd, self._on_fifo_readable)
+
+    def _close_fifo(self) -> None:
+        if self._fifo_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fifo_fd)
+            os.close(self._fifo_fd)
+            self._fifo_fd = None
+
+    def _on_fifo_readable(self) -> None:
+        assert self._fifo_fd is not None
+        try:
+            data = os.read(self._fifo_fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Split FIFO bytes into lines; overlong lines and undecodable bytes are rejected."""
+        rejected = 0
+        reasons: list[str] = []
+        self._partial += data
+        while True:
+            nl = self._partial.find(b"\n")
+            if nl < 0:
+                if len(self._partial) > MAX_LINE:
+                    if not self._discarding:
+                        rejected += 1
+                        reasons.append(f"line longer than {MAX_LINE} bytes")
+                    self._discarding = True
+                    self._partial.clear()
+                break
+            raw = bytes(self._partial[:nl])
+            del self._partial[: nl + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rejected += 1
+                reasons.append("bytes that are not UTF-8")
+                continue
+            try:
+                store.parse_store_path(text.strip(), self.cfg.store_dir)
+            except StoreError as e:
+                if text.strip():
+                    rejected += 1
+                    reasons.append(str(e))
+                continue
+            self.accept(text, "fifo")
+        if rejected:
+            log.warning("fifo.rejected", lines=rejected, first_reason=reasons[0][:300])
+
+    def import_spool(self) -> None:
+        n = self.journal.import_spool(lambda line: self.accept(line, "spool"))
+        if n:
+            log.info("spool.imported", lines=n)
+
+    async def _refill_loop(self) -> None:
+        """Import spooled paths and enqueue pending ones (failed ones after retry_interval)."""
+        while not self.stopping.is_set():
+            try:
+                self.import_spool()
+                now = time.monotonic()
+                for path in self.journal.pending():
+                    if self.queue.full():
+                        break
+                    if now - self.failed_at.get(path, -1e18) >= self.cfg.upload.retry_interval:
+                        self._enqueue(path)
+            except OSError as e:
+                log.error("journal.error", error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.upload.spool_interval)
+
+    # ---- work ------------------------------------------------------------------------------
+
+    async def _worker(self, idx: int) -> None:
+        while not self.stopping.is_set() and idx < self.cfg.upload.workers:
+            path = await self.queue.get()
+            self.busy.add(idx)
+            try:
+                await self._process(path)
+            finally:
+                self.busy.discard(idx)
+                self.queued.discard(path)
+        self.workers.pop(idx, None)
+
+    async def _process(self, path: str) -> None:
+        bucket = self.bucket
+        assert bucket is not None
+        with bucket.use() as uploader:
+            try:
+                roots = await store.derivation_outputs(path) if path.endswith(".drv") else [path]
+                result = await uploader.push(roots)
+            except (StoreError, NarHashMismatch) as e:
+                log.error("path.skipped", path=path, error=str(e))
+                self.journal.remove(path)
+                return
+            except NixcacheError as e:
+                self.failed_at[path] = time.monotonic()
+                log.warning("push.failed", path=path, error=str(e), retry_in=self.cfg.upload.retry_interval)
+                return
+            except Exception as e:  # a bug must not kill the worker; the path stays pending
+                self.failed_at[path] = time.monotonic()
+                log.exception("push.crashed", path=path, error=repr(e))
+                return
+        self.failed_at.pop(path, None)
+        self.journal.remove(path)
+        log.info(
+            "push.done",
+            path=path,
+            closure=result.closure,
+            upstream=result.upstream,
+            already_present=result.present,
+            uploaded=result.uploaded,
+            nar_bytes=result.nar_bytes,
+            compressed_bytes=result.file_bytes,
+            seconds=round(result.seconds, 3),
+            requests=dict(result.requests),
+        )
+
+    def _spawn_workers(self) -> None:
+        for idx in range(self.cfg.upload.workers):
+            if idx not in self.workers:
+                self.workers[idx] = asyncio.create_task(self._worker(idx), name=f"worker-{idx}")
+
+    # ---- control ---------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: apply a new config; keep the old one if the new one is broken."""
+        try:
+            cfg, _ = load_config(self.config_file)
+            new = await Bucket(cfg).open()
+        except NixcacheError as e:
+            log.error("config.rejected", error=str(e), keeping="previous config")
+            return
+        for key in ("state_dir", "fifo", "store_dir"):
+            if getattr(cfg, key) != getattr(self.cfg, key):
+                log.warning("config.needs_restart", key=key)
+        old, self.bucket = self.bucket, new
+        if old is not None and old.uploader is not None and new.uploader is not None:
+            if (old.cfg.s3.endpoint, old.cfg.s3.bucket) == (cfg.s3.endpoint, cfg.s3.bucket):
+                new.uploader.known_present = old.uploader.known_present
+            self._background_task(old.close())
+        self.cfg = cfg
+        self._spawn_workers()
+        log.info("config.reloaded", workers=cfg.upload.workers, compression=cfg.upload.compression,
+                 bucket=cfg.s3.bucket)  # fmt: skip
+
+    def _background_task(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.bucket = await Bucket(self.cfg).open()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background_task(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        self._open_fifo()
+        self.import_spool()
+        for path in self.journal.pending():
+            self._enqueue(path)
+        self._spawn_workers()
+        refill = asyncio.create_task(self._refill_loop(), name="refill")
+        log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
+                 workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip
+        await self.stopping.wait()
+        await self._drain(refill)
+        return 0
+
+    async def _drain(self, refill: asyncio.Task[None]) -> None:
+        """Stop taking work, give in-flight uploads ``drain_timeout``, leave the rest pending."""
+        log.info("service.stopping", in_flight=len(self.busy), pending=len(self.journal.pending()))
+        self._close_fifo()
+        refill.cancel()
+        for idx, task in list(self.workers.items()):
+            if idx not in self.busy:
+                task.cancel()
+        tasks = list(self.workers.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.cfg.upload.drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(refill, return_exceptions=True)
+        if self.bucket is not None:
+            await self.bucket.close()
+        log.info("service.stopped", pending=len(self.journal.pending()))
