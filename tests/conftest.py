@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixcache.seaweed import SeaweedFS
+from tests.harness import Bucket, MotoServer, generate_key, new_bucket
+
+# No substituter may be tried (no network here) and `nix` subcommands are enabled.
+os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def any_bucket(request: pytest.FixtureRequest) -> Bucket:
+    """A fresh bucket on each real S3 implementation."""
+    server = request.getfixturevalue(request.param)
+    return new_bucket(server.endpoint, public_read_policy=request.param == "moto")
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedFS) -> Bucket:
+    return new_bucket(seaweedfs.endpoint)
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return generate_key(tmp_path_factory.mktemp("keys"), "nixcache-test-1")
