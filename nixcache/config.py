@@ -111,8 +111,10 @@ def load_signing_key(cfg: Config) -> SecretKey:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise SigningError(f"signing key file {path} does not exist (create one with "
-                           "`nix-store --generate-binary-cache-key NAME {path} {path}.pub`)") from None
+        raise SigningError(
+            f"signing key file {path} does not exist (create one with "
+            "`nix-store --generate-binary-cache-key NAME {path} {path}.pub`)"
+        ) from None
     except OSError as e:
         raise SigningError(f"cannot read signing key file {path}: {e.strerror}") from None
     return SecretKey.parse(text)

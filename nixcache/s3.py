@@ -21,6 +21,7 @@ from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
     from nixcache.config import S3Config
 
@@ -137,9 +138,7 @@ class S3:
         except (ClientError, BotoCoreError) as e:
             raise _describe(e, self.bucket, key) from None
 
-    async def upload_stream(
-        self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str
-    ) -> None:
+    async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
         """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.
 
         The object appears only once the stream is exhausted without error; on any error an
@@ -147,7 +146,7 @@ class S3:
         """
         buf = bytearray()
         upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
+        parts: list[CompletedPartTypeDef] = []
         client = self.client
         try:
             async for chunk in chunks:

@@ -9,7 +9,9 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 from nixcache import store
 from nixcache.config import Config, load_config, load_signing_key
@@ -47,7 +49,7 @@ class Bucket:
         await self.s3.__aexit__(None, None, None)
 
     @contextlib.contextmanager
-    def use(self) -> Uploader:  # type: ignore[misc]
+    def use(self) -> Iterator[Uploader]:
         assert self.uploader is not None
         self.active += 1
         self.idle.clear()
@@ -262,8 +264,8 @@ class Service:
         log.info("config.reloaded", workers=cfg.upload.workers, compression=cfg.upload.compression,
                  bucket=cfg.s3.bucket)  # fmt: skip
 
-    def _background_task(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -158,12 +158,10 @@ class Uploader:
         if fut is None:
             fut = asyncio.ensure_future(self._upload(info, infos, upstream, result))
             self._inflight[info.path] = fut
-            fut.add_done_callback(lambda _f, p=info.path: self._inflight.pop(p, None))
+            fut.add_done_callback(lambda _f: self._inflight.pop(info.path, None))
         return fut
 
-    async def _upload(
-        self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult
-    ) -> None:
+    async def _upload(self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult) -> None:
         if info.path in self.known_present:
             return
         comp = self.cfg.upload.compression
@@ -172,9 +170,7 @@ class Uploader:
         with s3.job_requests() as counter:
             async with self._transfers:
                 nar = NarStream(info, comp, self.cfg.upload.level())
-                await self.s3.upload_stream(
-                    url, nar, self.cfg.upload.part_size_mb << 20, "application/x-nix-nar"
-                )
+                await self.s3.upload_stream(url, nar, self.cfg.upload.part_size_mb << 20, "application/x-nix-nar")
             deps = [
                 self._ensure(infos[r], infos, upstream, result)
                 for r in info.references

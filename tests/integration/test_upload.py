@@ -9,8 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from nixcache.narinfo import NarInfo
 from nixcache.signing import PublicKey
 from tests.harness import (
@@ -137,9 +135,7 @@ def test_kill9_during_large_upload_loses_nothing_and_never_dangles(
     assert daemon.stop() == 0
 
 
-def test_endpoint_down_then_up_pending_uploads_complete(
-    tmp_path: Path, signing_key: tuple[Path, str]
-) -> None:
+def test_endpoint_down_then_up_pending_uploads_complete(tmp_path: Path, signing_key: tuple[Path, str]) -> None:
     from nixcache.seaweed import SeaweedFS
     from tests.harness import new_bucket
 
@@ -158,15 +154,14 @@ def test_endpoint_down_then_up_pending_uploads_complete(
         server.stop()
 
 
-def test_garbage_on_fifo_is_logged_and_skipped(
-    tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
-) -> None:
+def test_garbage_on_fifo_is_logged_and_skipped(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
     daemon = start_daemon(tmp_path, bucket, signing_key)
     fifo = tmp_path / "run" / "hook.fifo"
     closure = nix_build(tmp_path)
     not_valid = "/nix/store/" + "0" * 32 + "-never-built"
     fd = os.open(fifo, os.O_WRONLY)
-    for junk in (b"hello world\n", bytes(b for b in range(256) if b != 10) + b"\n", b"/x" * (1 << 19) + b"\n", not_valid.encode() + b"\n"):
+    binary = bytes(b for b in range(256) if b != 10)
+    for junk in (b"hello world\n", binary + b"\n", b"/x" * (1 << 19) + b"\n", not_valid.encode() + b"\n"):
         os.write(fd, junk)
         time.sleep(0.1)
     os.write(fd, closure[-1].encode() + b"\n")
