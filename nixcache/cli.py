@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("hook", help="the post-build hook (reads OUT_PATHS/DRV_PATH; never fails the build)")
+    hook_script = sub.add_parser("hook-script", help="write a fast post-build-hook script (for nix.conf)")
+    hook_script.add_argument("--config", help="config file the hook reads `fifo` and `state_dir` from")
+    hook_script.add_argument("output", help="where to write the script (made executable)")
 
     push = sub.add_parser("push", help="push the closures of store paths now, in the foreground")
     push.add_argument("--config", help=config_help)
@@ -41,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         from nixcache import hook
 
         return hook.main()
+    if args.command == "hook-script":
+        from nixcache import hook
+
+        out = Path(args.output)
+        out.write_text(hook.script(os.path.abspath(args.config) if args.config else None))
+        out.chmod(0o755)
+        print(out)
+        return 0
 
     from nixcache import logs
     from nixcache.errors import NixcacheError

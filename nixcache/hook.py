@@ -14,6 +14,8 @@ import sys
 import time
 import tomllib
 
+if not __package__:  # run as a file (`python -S …/nixcache/hook.py`, see `script()`): skip site
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nixcache import defaults
 
 _DRV_OUTPUT = re.compile(rb'\("[^"]*","(/[^"]+)"')
@@ -50,8 +52,11 @@ def locations(env: dict[str, str]) -> tuple[str, str]:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         data = {}
-    fifo = str(data.get("fifo") or defaults.FIFO)
-    state_dir = str(data.get("state_dir") or defaults.STATE_DIR)
+    fifo, state_dir = data.get("fifo"), data.get("state_dir")
+    if not (isinstance(fifo, str) and fifo.startswith("/")):
+        fifo = defaults.FIFO
+    if not (isinstance(state_dir, str) and state_dir.startswith("/")):
+        state_dir = defaults.STATE_DIR
     return fifo, defaults.spool_dir(state_dir)
 
 
@@ -85,6 +90,13 @@ def spool(spool_dir: str, lines: list[bytes]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, os.path.join(spool_dir, name))
+
+
+def script(config: str | None) -> str:
+    """A post-build-hook script that starts this module in ~20 ms: ``python -S`` skips the
+    site-packages start-up (.pth files), which is most of a Python start."""
+    env = f"NIXCACHE_CONFIG={config} " if config else ""
+    return f"#!/bin/sh\n{env}exec {sys.executable} -S -E -s {os.path.abspath(__file__)}\n"
 
 
 def main() -> int:

@@ -193,6 +193,25 @@ class S3:
         except (ClientError, BotoCoreError) as e:
             raise _describe(e, self.bucket, prefix) from None
 
+    async def list_names(self, prefix: str, max_pages: int) -> list[str] | None:
+        """Key names directly under ``prefix`` (``/`` as delimiter: sub-folders are not
+        descended), or None if that takes more than ``max_pages`` LIST requests."""
+        names: list[str] = []
+        token: str | None = None
+        try:
+            for _ in range(max_pages):
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+                if token:
+                    kwargs["ContinuationToken"] = token
+                page = await self.client.list_objects_v2(**kwargs)
+                names += [obj["Key"] for obj in page.get("Contents", [])]
+                token = page.get("NextContinuationToken")
+                if not page.get("IsTruncated") or not token:
+                    return names
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, prefix) from None
+        return None
+
     async def create_bucket(self) -> None:
         """Create the bucket if it is missing (embedded mode, tests, benchmarks)."""
         try:

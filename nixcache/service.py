@@ -80,20 +80,21 @@ class Service:
 
     # ---- input: FIFO and spool -------------------------------------------------------------
 
-    def accept(self, line: str, source: str) -> bool:
-        """Journal a store path received from the hook; False (and logged) if it is not one."""
+    def accept(self, line: str, source: str) -> str | None:
+        """Journal and queue a store path received from the hook.
+
+        Returns why the line was rejected, or None when it was accepted (or blank)."""
         line = line.strip()
         if not line:
-            return False
+            return None
         try:
             path = store.parse_store_path(line, self.cfg.store_dir)
         except StoreError as e:
-            log.warning("input.rejected", source=source, reason=str(e))
-            return False
+            return str(e)
         if self.journal.add(path):
             log.info("path.received", path=path, source=source)
         self._enqueue(path)
-        return True
+        return None
 
     def _enqueue(self, path: str) -> None:
         if path in self.queued or self.stopping.is_set():
@@ -133,7 +134,6 @@ class Service:
 
     def feed(self, data: bytes) -> None:
         """Split FIFO bytes into lines; overlong lines and undecodable bytes are rejected."""
-        rejected = 0
         reasons: list[str] = []
         self._partial += data
         while True:
@@ -141,7 +141,6 @@ class Service:
             if nl < 0:
                 if len(self._partial) > MAX_LINE:
                     if not self._discarding:
-                        rejected += 1
                         reasons.append(f"line longer than {MAX_LINE} bytes")
                     self._discarding = True
                     self._partial.clear()
@@ -152,26 +151,27 @@ class Service:
                 self._discarding = False
                 continue
             try:
-                text = raw.decode("utf-8")
+                reason = self.accept(raw.decode("utf-8"), "fifo")
             except UnicodeDecodeError:
-                rejected += 1
-                reasons.append("bytes that are not UTF-8")
-                continue
-            try:
-                store.parse_store_path(text.strip(), self.cfg.store_dir)
-            except StoreError as e:
-                if text.strip():
-                    rejected += 1
-                    reasons.append(str(e))
-                continue
-            self.accept(text, "fifo")
-        if rejected:
-            log.warning("fifo.rejected", lines=rejected, first_reason=reasons[0][:300])
+                reason = "bytes that are not UTF-8"
+            if reason is not None:
+                reasons.append(reason)
+        if reasons:
+            log.warning("fifo.rejected", lines=len(reasons), first_reason=reasons[0][:300])
 
     def import_spool(self) -> None:
-        n = self.journal.import_spool(lambda line: self.accept(line, "spool"))
+        rejected: list[str] = []
+
+        def take(line: str) -> None:
+            reason = self.accept(line, "spool")
+            if reason is not None:
+                rejected.append(reason)
+
+        n = self.journal.import_spool(take)
         if n:
             log.info("spool.imported", lines=n)
+        if rejected:
+            log.warning("spool.rejected", lines=len(rejected), first_reason=rejected[0][:300])
 
     async def _refill_loop(self) -> None:
         """Import spooled paths and enqueue pending ones (failed ones after retry_interval)."""

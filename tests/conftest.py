@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nixcache.seaweed import SeaweedFS
-from tests.harness import Bucket, MotoServer, generate_key, new_bucket
+from tests.harness import Bucket, Daemon, MotoServer, generate_key, new_bucket
 
 # No substituter may be tried (no network here) and `nix` subcommands are enabled.
 os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
@@ -44,3 +44,12 @@ def bucket(seaweedfs: SeaweedFS) -> Bucket:
 @pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return generate_key(tmp_path_factory.mktemp("keys"), "nixcache-test-1")
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_left_behind() -> Iterator[None]:
+    yield
+    while Daemon.running:
+        daemon = Daemon.running.pop()
+        if daemon.alive():
+            daemon.kill9()

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -178,6 +178,8 @@ def base_settings(tmp: Path, bucket: Bucket, secret_key: Path, **upload: Any) ->
 class Daemon:
     """``nixcache serve`` as a real process; its JSON log lines are parsed for events."""
 
+    running: ClassVar[list[Daemon]] = []  # killed after each test, whatever the outcome
+
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
         self.log_path = log
@@ -190,6 +192,7 @@ class Daemon:
             [sys.executable, "-m", "nixcache.cli", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"), stdin=subprocess.DEVNULL,
         )  # fmt: skip
+        Daemon.running.append(self)
         if wait_ready:
             self.wait_event("service.ready", 30)
         return self
@@ -262,8 +265,7 @@ in mk "nixcache-test-app" [ lib tool ]
 def write_hook_script(tmp: Path, config: Path) -> Path:
     """What NixOS would put in post-build-hook: the hook with our config."""
     script = tmp / "post-build-hook.sh"
-    script.write_text(f"#!/bin/sh\nNIXCACHE_CONFIG={config} exec {HOOK}\n")
-    script.chmod(0o755)
+    subprocess.run([str(BIN / "nixcache"), "hook-script", "--config", str(config), str(script)], check=True)
     return script
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from nixcache import hook
 
@@ -61,22 +60,40 @@ def test_full_fifo_spools_the_rest_without_blocking(tmp_path: Path) -> None:
         os.close(reader)
 
 
-@pytest.mark.parametrize("config_text", [None, "not toml ["])
-def test_hook_never_fails(tmp_path: Path, config_text: str | None) -> None:
-    env = {"PATH": os.environ["PATH"], "OUT_PATHS": "/nix/store/" + "0" * 32 + "-x", "DRV_PATH": ""}
+def test_broken_config_falls_back_to_defaults(tmp_path: Path) -> None:
+    for text in ("not toml [", "fifo = 5\nstate_dir = 'relative/dir'\n"):
+        (tmp_path / "c.toml").write_text(text)
+        assert hook.locations({"NIXCACHE_CONFIG": str(tmp_path / "c.toml")}) == (
+            "/run/nixcache/hook.fifo",
+            "/var/lib/nixcache/spool",
+        )
+
+
+def test_hook_never_fails_even_when_it_cannot_spool(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    if config_text is not None:
-        config.write_text(config_text)
-    env["NIXCACHE_CONFIG"] = str(config)
-    # With no state dir writable at the default location the hook still exits 0.
-    r = subprocess.run(["python", "-m", "nixcache.hook"], env=env, capture_output=True, timeout=5)
+    config.write_text('state_dir = "/proc/nixcache-cannot-exist"\nfifo = "/proc/nixcache-cannot-exist/f"\n')
+    env = {"PATH": os.environ["PATH"], "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "/nix/store/x", "DRV_PATH": ""}
+    r = subprocess.run([sys.executable, "-m", "nixcache.hook"], env=env, capture_output=True, timeout=5)
     assert r.returncode == 0
+    assert b"nixcache hook:" in r.stderr
+
+
+def test_fast_script_runs_the_hook(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nfifo = "{tmp_path / "none.fifo"}"\n')
+    script = tmp_path / "hook.sh"
+    script.write_text(hook.script(str(config)))
+    script.chmod(0o755)
+    r = subprocess.run([str(script)], env={"OUT_PATHS": "/nix/store/p1"}, timeout=5)
+    assert r.returncode == 0
+    (spooled,) = (tmp_path / "state" / "spool").iterdir()
+    assert spooled.read_text() == "/nix/store/p1\n"
 
 
 def test_hook_spools_to_configured_state_dir(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\nfifo = "{tmp_path / "none.fifo"}"\n')
     env = {**os.environ, "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "/nix/store/p1 /nix/store/p2"}
-    assert subprocess.run(["python", "-m", "nixcache.hook"], env=env, timeout=5).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "nixcache.hook"], env=env, timeout=5).returncode == 0
     (spooled,) = (tmp_path / "state" / "spool").iterdir()
     assert spooled.read_text().split() == ["/nix/store/p1", "/nix/store/p2"]

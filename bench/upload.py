@@ -1,0 +1,235 @@
+"""Upload benchmark: nixcache vs Nix's own uploader (`nix copy --to http://…`), same machine, same run.
+
+    python bench/upload.py [--size-mb 500] [--paths 220] [--workdir /tmp/nixcache-bench]
+
+Builds a closure of real files from this machine (derivations with references), starts a
+SeaweedFS on loopback, pushes the closure into one fresh bucket with `nixcache push` and into
+another with `nix copy --to 'http://…/BUCKET?compression=zstd'`, and reports wall time, MB/s,
+peak RSS and S3 requests per path (from SeaweedFS's own request counters), plus the
+post-build hook's latency. Writes bench/out/upload.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import boto3
+
+from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [Path("/usr/lib"), Path("/usr/share"), Path(sys.prefix) / "lib"]
+NIX = ["nix", "--extra-experimental-features", "nix-command"]
+
+EXPR = r"""
+{ lists }:
+let
+  n = builtins.length lists;
+  group = i: derivation {
+    name = "bench-part-${toString i}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    list = builtins.elemAt lists i;
+    # Memoised through `parts`: calling `group` recursively would evaluate exponentially.
+    deps = (if i > 0 then [ (builtins.elemAt parts (i - 1)) ] else [ ])
+      ++ (if i > 1 then [ (builtins.elemAt parts (i / 2)) ] else [ ]);
+    args = [ "-c" ''
+      mkdir -p $out
+      while IFS= read -r f; do cp --parents -- "$f" $out/ 2>/dev/null || true; done < $list
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  };
+  parts = builtins.genList group n;
+in derivation {
+  name = "bench-top";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  deps = parts;
+  args = [ "-c" "mkdir $out; for d in $deps; do echo $d >> $out/deps; done" ];
+}
+"""
+
+
+def pick_files(size: int) -> list[Path]:
+    files: list[Path] = []
+    total = 0
+    for source in SOURCES:
+        for dirpath, dirnames, names in os.walk(source):
+            dirnames.sort()
+            for name in sorted(names):
+                p = Path(dirpath, name)
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                if not p.is_file() or p.is_symlink() or not os.access(p, os.R_OK) or st.st_size > 64 << 20:
+                    continue
+                files.append(p)
+                total += st.st_size
+                if total >= size:
+                    return files
+    return files
+
+
+def build_closure(workdir: Path, size: int, n_paths: int) -> str:
+    files = pick_files(size)
+    per = max(1, len(files) // n_paths)
+    lists = []
+    for i in range(n_paths):
+        chunk = files[i * per : (i + 1) * per] if i < n_paths - 1 else files[i * per :]
+        lst = workdir / f"list-{i}.txt"
+        lst.write_text("".join(f"{f}\n" for f in chunk))
+        lists.append(str(lst))
+    expr = workdir / "closure.nix"
+    expr.write_text(EXPR)
+    args = ["nix-build", str(expr), "--arg", "lists", "[" + " ".join(f'"{x}"' for x in lists) + "]",
+            "-o", str(workdir / "result"), "--max-jobs", "4", "--option", "substituters", ""]  # fmt: skip
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in MB of the process and its waited children, stdout)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[0]} failed with {proc.returncode}")
+    return time.monotonic() - started, usage.ru_maxrss // 1024, out
+
+
+def request_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{weed.ports['metrics']}/metrics").read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+            kind = line.split('type="', 1)[1].split('"', 1)[0]
+            counts[kind] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def hook_latency(workdir: Path, runs: int = 40) -> tuple[float, float]:
+    """Median and p95 wall time (ms) of the real hook entry point, daemon reading the FIFO."""
+    fifo = workdir / "hook.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    config = workdir / "hook.toml"
+    config.write_text(f'state_dir = "{workdir / "state"}"\nfifo = "{fifo}"\n')
+    reader = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    hook = Path(sys.executable).parent / "nixcache-hook"
+    env = {**os.environ, "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "", "DRV_PATH": str(next(
+        p for p in Path("/nix/store").glob("*-bench-top.drv")))}  # fmt: skip
+    times = []
+    try:
+        for _ in range(runs):
+            started = time.monotonic()
+            subprocess.run([str(hook)], env=env, check=True)
+            times.append((time.monotonic() - started) * 1000)
+            while True:
+                try:
+                    os.read(reader, 1 << 16)
+                except BlockingIOError:
+                    break
+    finally:
+        os.close(reader)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.95) - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=500)
+    ap.add_argument("--paths", type=int, default=220)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nixcache-bench")
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
+
+    print("building the closure…", file=sys.stderr)
+    top = build_closure(workdir, args.size_mb << 20, args.paths)
+    infos = json.loads(subprocess.run([*NIX, "path-info", "--json", "-r", top], check=True,
+                                      capture_output=True, text=True).stdout)  # fmt: skip
+    n_paths, nar_bytes = len(infos), sum(i["narSize"] for i in infos)
+    print(f"closure: {n_paths} paths, {nar_bytes / 1e6:.0f} MB", file=sys.stderr)
+
+    weed = SeaweedFS(workdir / f"weed-{os.getpid()}", anonymous_write=True, metrics=True)
+    weed.start()
+    try:
+        s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
+        stamp = str(int(time.time()))
+        ours, theirs = f"nixcache-{stamp}", f"nixcopy-{stamp}"
+        for b in (ours, theirs):
+            s3.create_bucket(Bucket=b)
+        key = workdir / "key.sec"
+        if not key.exists():
+            subprocess.run(["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(key) + ".pub"],
+                           check=True)  # fmt: skip
+        creds = workdir / "credentials"
+        creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+        config = workdir / "bench.toml"
+        config.write_text(
+            f'state_dir = "{workdir / "state"}"\nfifo = "{workdir / "state/fifo"}"\n'
+            f'[s3]\nbucket = "{ours}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
+            f'[signing]\nsecret_key_file = "{key}"\n[upload]\nworkers = {args.workers}\n'
+        )
+        time.sleep(1)
+        print("nix copy…", file=sys.stderr)
+        nix_s, nix_rss, _ = run_measured([*NIX, "copy", "--to", f"{weed.endpoint}/{theirs}?compression=zstd", top])
+        print("nixcache push…", file=sys.stderr)
+        ours_s, ours_rss, summary = run_measured(
+            [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
+        )
+        print("nixcache push again (everything present)…", file=sys.stderr)
+        again_s, _, again_summary = run_measured(
+            [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
+        )
+        time.sleep(2)  # let the metrics settle
+        ours_req, theirs_req = request_counts(weed, ours), request_counts(weed, theirs)
+        ours_bytes = sum(o["Size"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=ours)
+                         for o in p.get("Contents", []))  # fmt: skip
+        theirs_bytes = sum(o["Size"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=theirs)
+                           for o in p.get("Contents", []))  # fmt: skip
+    finally:
+        weed.stop()
+    hook_median, hook_p95 = hook_latency(workdir)
+
+    result = {
+        "paths": n_paths, "nar_mb": round(nar_bytes / 1e6, 1),
+        "nixcache": {"seconds": round(ours_s, 2), "mb_per_s": round(nar_bytes / 1e6 / ours_s, 1),
+                     "peak_rss_mb": ours_rss, "requests": dict(ours_req),
+                     "requests_per_path": round(sum(ours_req.values()) / n_paths, 2),
+                     "bucket_mb": round(ours_bytes / 1e6, 1), "summary": summary.strip(),
+                     "second_push_seconds": round(again_s, 2), "second_push": again_summary.strip()},
+        "nix_copy": {"seconds": round(nix_s, 2), "mb_per_s": round(nar_bytes / 1e6 / nix_s, 1),
+                     "peak_rss_mb": nix_rss, "requests": dict(theirs_req),
+                     "requests_per_path": round(sum(theirs_req.values()) / n_paths, 2),
+                     "bucket_mb": round(theirs_bytes / 1e6, 1)},
+        "speedup": round(nix_s / ours_s, 2),
+        "hook_ms": {"median": round(hook_median, 1), "p95": round(hook_p95, 1)},
+        "machine": f"{os.cpu_count()} cores",
+    }  # fmt: skip
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "upload.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
