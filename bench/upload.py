@@ -1,6 +1,6 @@
 """Upload benchmark: nixcache vs Nix's own uploader (`nix copy --to http://…`), same machine, same run.
 
-    python bench/upload.py [--size-mb 500] [--paths 220] [--workdir /tmp/nixcache-bench]
+    python bench/upload.py [--size-mb 500] [--paths 220] [--rounds 3] [--workdir /tmp/nixcache-bench]
 
 Builds a closure of real files from this machine (derivations with references), starts a
 SeaweedFS on loopback, pushes the closure into one fresh bucket with `nixcache push` and into
@@ -122,17 +122,24 @@ def request_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
     return counts
 
 
-def hook_latency(workdir: Path, runs: int = 40) -> tuple[float, float]:
-    """Median and p95 wall time (ms) of the real hook entry point, daemon reading the FIFO."""
-    fifo = workdir / "hook.fifo"
+def bucket_bytes(s3: object, bucket: str) -> int:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)  # type: ignore[attr-defined]
+    return sum(o["Size"] for p in pages for o in p.get("Contents", []))
+
+
+def hook_latency(workdir: Path, config: Path, runs: int = 40) -> tuple[float, float]:
+    """Median and p95 wall time (ms) of the hook script `nixcache hook-script` writes (what
+    Nix runs after each build), with a reader on the FIFO as the daemon would be."""
+    fifo = workdir / "state" / "fifo"
+    fifo.parent.mkdir(parents=True, exist_ok=True)
     if not fifo.exists():
         os.mkfifo(fifo)
-    config = workdir / "hook.toml"
-    config.write_text(f'state_dir = "{workdir / "state"}"\nfifo = "{fifo}"\n')
     reader = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
-    hook = Path(sys.executable).parent / "nixcache-hook"
-    env = {**os.environ, "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "", "DRV_PATH": str(next(
-        p for p in Path("/nix/store").glob("*-bench-top.drv")))}  # fmt: skip
+    hook = workdir / "post-build-hook"
+    subprocess.run([sys.executable, "-m", "nixcache.cli", "hook-script", "--config", str(config), str(hook)],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    drv = next(Path("/nix/store").glob("*-bench-top.drv"))
+    env = {**os.environ, "OUT_PATHS": "", "DRV_PATH": str(drv)}
     times = []
     try:
         for _ in range(runs):
@@ -156,6 +163,7 @@ def main() -> None:
     ap.add_argument("--paths", type=int, default=220)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nixcache-bench")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -173,10 +181,6 @@ def main() -> None:
     try:
         s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=ACCESS_KEY,
                           aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
-        stamp = str(int(time.time()))
-        ours, theirs = f"nixcache-{stamp}", f"nixcopy-{stamp}"
-        for b in (ours, theirs):
-            s3.create_bucket(Bucket=b)
         key = workdir / "key.sec"
         if not key.exists():
             subprocess.run(["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(key) + ".pub"],
@@ -184,46 +188,60 @@ def main() -> None:
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
         config = workdir / "bench.toml"
-        config.write_text(
-            f'state_dir = "{workdir / "state"}"\nfifo = "{workdir / "state/fifo"}"\n'
-            f'[s3]\nbucket = "{ours}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
-            f'[signing]\nsecret_key_file = "{key}"\n[upload]\nworkers = {args.workers}\n'
-        )
-        time.sleep(1)
-        print("nix copy…", file=sys.stderr)
-        nix_s, nix_rss, _ = run_measured([*NIX, "copy", "--to", f"{weed.endpoint}/{theirs}?compression=zstd", top])
-        print("nixcache push…", file=sys.stderr)
-        ours_s, ours_rss, summary = run_measured(
-            [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
-        )
-        print("nixcache push again (everything present)…", file=sys.stderr)
-        again_s, _, again_summary = run_measured(
-            [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
-        )
-        time.sleep(2)  # let the metrics settle
-        ours_req, theirs_req = request_counts(weed, ours), request_counts(weed, theirs)
-        ours_bytes = sum(o["Size"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=ours)
-                         for o in p.get("Contents", []))  # fmt: skip
-        theirs_bytes = sum(o["Size"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=theirs)
-                           for o in p.get("Contents", []))  # fmt: skip
+        rounds = []
+        for r in range(args.rounds):
+            stamp = f"{int(time.time())}-{r}"
+            ours, theirs = f"nixcache-{stamp}", f"nixcopy-{stamp}"
+            for b in (ours, theirs):
+                s3.create_bucket(Bucket=b)
+            config.write_text(
+                f'state_dir = "{workdir / "state"}"\nfifo = "{workdir / "state/fifo"}"\n'
+                f'[s3]\nbucket = "{ours}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
+                f'[signing]\nsecret_key_file = "{key}"\n[upload]\nworkers = {args.workers}\n'
+            )
+            push = [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
+            copy = [*NIX, "copy", "--to", f"{weed.endpoint}/{theirs}?compression=zstd", top]
+            # Alternate who goes first, so neither always meets a warmer server.
+            runs = {}
+            for name in ["nix_copy", "nixcache"] if r % 2 == 0 else ["nixcache", "nix_copy"]:
+                print(f"round {r + 1}: {name}…", file=sys.stderr)
+                runs[name] = run_measured(push if name == "nixcache" else copy)
+            time.sleep(2)  # let the server's counters settle
+            ours_req, theirs_req = request_counts(weed, ours), request_counts(weed, theirs)
+            again = run_measured(push)
+            time.sleep(2)
+            rounds.append({
+                "nixcache": {"seconds": round(runs["nixcache"][0], 2), "peak_rss_mb": runs["nixcache"][1],
+                             "requests": dict(ours_req), "summary": runs["nixcache"][2].strip(),
+                             "bucket_mb": round(bucket_bytes(s3, ours) / 1e6, 1),
+                             "second_push_seconds": round(again[0], 2),
+                             "second_push_requests": dict(request_counts(weed, ours) - ours_req)},
+                "nix_copy": {"seconds": round(runs["nix_copy"][0], 2), "peak_rss_mb": runs["nix_copy"][1],
+                             "requests": dict(theirs_req),
+                             "bucket_mb": round(bucket_bytes(s3, theirs) / 1e6, 1)},
+            })  # fmt: skip
     finally:
         weed.stop()
-    hook_median, hook_p95 = hook_latency(workdir)
+    hook_median, hook_p95 = hook_latency(workdir, config)
 
+    def median(tool: str, field: str) -> float:
+        return float(statistics.median(r[tool][field] for r in rounds))
+
+    ours_s, nix_s = median("nixcache", "seconds"), median("nix_copy", "seconds")
     result = {
-        "paths": n_paths, "nar_mb": round(nar_bytes / 1e6, 1),
-        "nixcache": {"seconds": round(ours_s, 2), "mb_per_s": round(nar_bytes / 1e6 / ours_s, 1),
-                     "peak_rss_mb": ours_rss, "requests": dict(ours_req),
-                     "requests_per_path": round(sum(ours_req.values()) / n_paths, 2),
-                     "bucket_mb": round(ours_bytes / 1e6, 1), "summary": summary.strip(),
-                     "second_push_seconds": round(again_s, 2), "second_push": again_summary.strip()},
-        "nix_copy": {"seconds": round(nix_s, 2), "mb_per_s": round(nar_bytes / 1e6 / nix_s, 1),
-                     "peak_rss_mb": nix_rss, "requests": dict(theirs_req),
-                     "requests_per_path": round(sum(theirs_req.values()) / n_paths, 2),
-                     "bucket_mb": round(theirs_bytes / 1e6, 1)},
-        "speedup": round(nix_s / ours_s, 2),
+        "paths": n_paths, "nar_mb": round(nar_bytes / 1e6, 1), "rounds": rounds,
+        "median_seconds": {"nixcache": ours_s, "nix_copy": nix_s},
+        "speedup_median": round(nix_s / ours_s, 2),
+        "speedup_per_round": [round(r["nix_copy"]["seconds"] / r["nixcache"]["seconds"], 2) for r in rounds],
+        "mb_per_s": {"nixcache": round(nar_bytes / 1e6 / ours_s, 1), "nix_copy": round(nar_bytes / 1e6 / nix_s, 1)},
+        "peak_rss_mb": {"nixcache": max(r["nixcache"]["peak_rss_mb"] for r in rounds),
+                        "nix_copy": max(r["nix_copy"]["peak_rss_mb"] for r in rounds)},
+        "requests_per_path": {
+            "nixcache": round(sum(rounds[0]["nixcache"]["requests"].values()) / n_paths, 2),
+            "nix_copy": round(sum(rounds[0]["nix_copy"]["requests"].values()) / n_paths, 2)},
         "hook_ms": {"median": round(hook_median, 1), "p95": round(hook_p95, 1)},
         "machine": f"{os.cpu_count()} cores",
+        "nix_version": subprocess.run(["nix", "--version"], capture_output=True, text=True).stdout.strip(),
     }  # fmt: skip
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)

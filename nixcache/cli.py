@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("hook", help="the post-build hook (reads OUT_PATHS/DRV_PATH; never fails the build)")
     hook_script = sub.add_parser("hook-script", help="write a fast post-build-hook script (for nix.conf)")
-    hook_script.add_argument("--config", help="config file the hook reads `fifo` and `state_dir` from")
+    hook_script.add_argument("--config", help=config_help + "; its `fifo` and `state_dir` go into the script")
     hook_script.add_argument("output", help="where to write the script (made executable)")
 
     push = sub.add_parser("push", help="push the closures of store paths now, in the foreground")
@@ -45,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return hook.main()
     if args.command == "hook-script":
-        from nixcache import hook
-
-        out = Path(args.output)
-        out.write_text(hook.script(os.path.abspath(args.config) if args.config else None))
-        out.chmod(0o755)
-        print(out)
-        return 0
+        return _hook_script(args.config, Path(args.output))
 
     from nixcache import logs
     from nixcache.errors import NixcacheError
@@ -80,7 +74,7 @@ def _serve(config: str | None, embedded: str | None) -> int:
 
     from nixcache import embedded as emb
 
-    cfg, weed = emb.prepare(Path(embedded))
+    cfg, config_file, weed = emb.prepare(Path(embedded))
     try:
         asyncio.run(emb.create_bucket(cfg))
         pub = (Path(embedded) / "signing.pub").read_text().strip()
@@ -88,22 +82,32 @@ def _serve(config: str | None, embedded: str | None) -> int:
             f"nixcache: embedded SeaweedFS at {weed.endpoint}, bucket {cfg.s3.bucket}\n"
             f"  substituter:       {weed.endpoint}/{cfg.s3.bucket}\n"
             f"  trusted key:       {pub}\n"
-            f"  post-build hook:   NIXCACHE_CONFIG= nixcache-hook  (fifo {cfg.fifo})\n"
-            f"  try:  nix-build ... --option post-build-hook $(command -v nixcache-hook)"
-            f" with NIXCACHE_CONFIG={Path(embedded) / 'config.toml'}",
+            f"  config:            {config_file}\n"
+            f"  post-build hook:   nixcache hook-script --config {config_file} /tmp/nixcache-hook\n"
+            f"                     nix-build ... --option post-build-hook /tmp/nixcache-hook",
             file=sys.stderr,
-        )
-        (Path(embedded) / "config.toml").write_text(
-            f'state_dir = "{cfg.state_dir}"\nfifo = "{cfg.fifo}"\n'
-            f'[s3]\nbucket = "{cfg.s3.bucket}"\nendpoint = "{cfg.s3.endpoint}"\n'
-            f'credentials_file = "{cfg.s3.credentials_file}"\n'
-            f'[signing]\nsecret_key_file = "{cfg.signing.secret_key_file}"\n'
         )
         from nixcache.service import Service
 
-        return asyncio.run(Service(cfg, Path(embedded) / "config.toml").run())
+        return asyncio.run(Service(cfg, config_file).run())
     finally:
         weed.stop()
+
+
+def _hook_script(config: str | None, output: Path) -> int:
+    from nixcache import hook
+    from nixcache.config import load_config
+    from nixcache.errors import NixcacheError
+
+    try:
+        cfg, _ = load_config(config)
+    except NixcacheError as e:
+        print(f"nixcache: {e}", file=sys.stderr)
+        return 1
+    output.write_text(hook.script(str(cfg.fifo), defaults.spool_dir(str(cfg.state_dir))))
+    output.chmod(0o755)
+    print(output)
+    return 0
 
 
 def _push(config: str | None, paths: list[str]) -> int:

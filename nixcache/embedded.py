@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nixcache.config import Config, parse_config
+from nixcache.config import Config, load_config
 from nixcache.journal import write_atomic
 from nixcache.s3 import S3
 from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
@@ -18,8 +18,8 @@ from nixcache.signing import SecretKey
 BUCKET = "nixcache"
 
 
-def prepare(state_dir: Path) -> tuple[Config, SeaweedFS]:
-    """Start (or restart) the embedded server; write its credentials and key; build the config."""
+def prepare(state_dir: Path) -> tuple[Config, Path, SeaweedFS]:
+    """Start (or restart) the embedded server; write its credentials, key and config file."""
     state_dir.mkdir(parents=True, exist_ok=True)
     weed = SeaweedFS(state_dir / "seaweedfs")
     ports_file = state_dir / "seaweedfs-ports.json"
@@ -37,16 +37,14 @@ def prepare(state_dir: Path) -> tuple[Config, SeaweedFS]:
         write_atomic(key_file, key.render().encode())
         key_file.chmod(0o600)
         (state_dir / "signing.pub").write_text(str(key.public) + "\n")
-    cfg = parse_config(
-        {
-            "state_dir": str(state_dir),
-            "fifo": str(state_dir / "hook.fifo"),
-            "s3": {"bucket": BUCKET, "endpoint": weed.endpoint, "credentials_file": str(creds)},
-            "signing": {"secret_key_file": str(key_file)},
-        },
-        "embedded",
+    config = state_dir / "config.toml"
+    config.write_text(
+        f'state_dir = "{state_dir}"\nfifo = "{state_dir / "hook.fifo"}"\n'
+        f'[s3]\nbucket = "{BUCKET}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
+        f'[signing]\nsecret_key_file = "{key_file}"\n'
     )
-    return cfg, weed
+    cfg, _ = load_config(config)
+    return cfg, config, weed
 
 
 async def create_bucket(cfg: Config) -> None:

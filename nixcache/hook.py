@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 import time
-import tomllib
 
 if not __package__:  # run as a file (`python -S …/nixcache/hook.py`, see `script()`): skip site
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nixcache import defaults
 
-_DRV_OUTPUT = re.compile(rb'\("[^"]*","(/[^"]+)"')
+FIFO_ENV = "NIXCACHE_FIFO"
+SPOOL_ENV = "NIXCACHE_SPOOL"
 
 
 def outputs_of_drv(drv_path: str) -> list[str]:
@@ -31,8 +30,15 @@ def outputs_of_drv(drv_path: str) -> list[str]:
         return []
     if not head.startswith(b"Derive(["):
         return []
-    outputs_part = head[len(b"Derive([") : head.find(b"],[")]
-    return [m.decode() for m in _DRV_OUTPUT.findall(outputs_part)]
+    end = head.find(b"],[")
+    if end < 0:
+        return []
+    outputs = []
+    for entry in head[len(b"Derive([") : end].split(b'("')[1:]:  # name","path","hashAlgo","hash"),
+        fields = entry.split(b'","')
+        if len(fields) >= 2 and fields[1].startswith(b"/"):
+            outputs.append(fields[1].decode())
+    return outputs
 
 
 def built_paths(env: dict[str, str]) -> list[str]:
@@ -45,7 +51,12 @@ def built_paths(env: dict[str, str]) -> list[str]:
 
 
 def locations(env: dict[str, str]) -> tuple[str, str]:
-    """(fifo, spool dir) from the config file, reading only those two keys."""
+    """(fifo, spool dir): from the environment the hook script sets (no TOML parser to
+    import: that is most of this hook's start-up), else the config file's two keys."""
+    if env.get(FIFO_ENV, "").startswith("/") and env.get(SPOOL_ENV, "").startswith("/"):
+        return env[FIFO_ENV], env[SPOOL_ENV]
+    import tomllib
+
     path = env.get(defaults.CONFIG_ENV) or defaults.CONFIG_FILE
     try:
         with open(path, "rb") as f:
@@ -92,11 +103,13 @@ def spool(spool_dir: str, lines: list[bytes]) -> None:
     os.rename(tmp, os.path.join(spool_dir, name))
 
 
-def script(config: str | None) -> str:
-    """A post-build-hook script that starts this module in ~20 ms: ``python -S`` skips the
-    site-packages start-up (.pth files), which is most of a Python start."""
-    env = f"NIXCACHE_CONFIG={config} " if config else ""
-    return f"#!/bin/sh\n{env}exec {sys.executable} -S -E -s {os.path.abspath(__file__)}\n"
+def script(fifo: str, spool_dir: str) -> str:
+    """A post-build-hook script that starts this module fast: ``python -S`` skips the
+    site-packages start-up (.pth files), and the two locations come in the environment."""
+    return (
+        f"#!/bin/sh\n{FIFO_ENV}={fifo} {SPOOL_ENV}={spool_dir} "
+        f"exec {sys.executable} -S -E -s {os.path.abspath(__file__)}\n"
+    )
 
 
 def main() -> int:

@@ -79,10 +79,8 @@ def test_hook_never_fails_even_when_it_cannot_spool(tmp_path: Path) -> None:
 
 
 def test_fast_script_runs_the_hook(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\nfifo = "{tmp_path / "none.fifo"}"\n')
     script = tmp_path / "hook.sh"
-    script.write_text(hook.script(str(config)))
+    script.write_text(hook.script(str(tmp_path / "none.fifo"), str(tmp_path / "state" / "spool")))
     script.chmod(0o755)
     r = subprocess.run([str(script)], env={"OUT_PATHS": "/nix/store/p1"}, timeout=5)
     assert r.returncode == 0
