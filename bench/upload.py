@@ -25,7 +25,7 @@ from pathlib import Path
 
 import boto3
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [Path("/usr/lib"), Path("/usr/share"), Path(sys.prefix) / "lib"]
@@ -164,6 +164,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nixcache-bench")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--latency-ms", type=int, default=0,
+                    help="one-way delay added to every request by a loopback proxy (a remote bucket)")  # fmt: skip
+    ap.add_argument("--compression-level", type=int, default=None,
+                    help="zstd level for both tools (default: each tool's default, 3 for both)")  # fmt: skip
     args = ap.parse_args()
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,6 +192,13 @@ def main() -> None:
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
         config = workdir / "bench.toml"
+        endpoint = weed.endpoint
+        if args.latency_ms:
+            port = free_port()
+            proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")),
+                                      str(port), str(weed.ports["s3"]), str(args.latency_ms)])  # fmt: skip
+            endpoint = f"http://127.0.0.1:{port}"
+            time.sleep(1)
         rounds = []
         for r in range(args.rounds):
             stamp = f"{int(time.time())}-{r}"
@@ -196,11 +207,13 @@ def main() -> None:
                 s3.create_bucket(Bucket=b)
             config.write_text(
                 f'state_dir = "{workdir / "state"}"\nfifo = "{workdir / "state/fifo"}"\n'
-                f'[s3]\nbucket = "{ours}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
+                f'[s3]\nbucket = "{ours}"\nendpoint = "{endpoint}"\ncredentials_file = "{creds}"\n'
                 f'[signing]\nsecret_key_file = "{key}"\n[upload]\nworkers = {args.workers}\n'
+                + (f"compression_level = {args.compression_level}\n" if args.compression_level is not None else "")
             )
             push = [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top]
-            copy = [*NIX, "copy", "--to", f"{weed.endpoint}/{theirs}?compression=zstd", top]
+            level = f"&compression-level={args.compression_level}" if args.compression_level is not None else ""
+            copy = [*NIX, "copy", "--to", f"{endpoint}/{theirs}?compression=zstd{level}", top]
             # Alternate who goes first, so neither always meets a warmer server.
             runs = {}
             for name in ["nix_copy", "nixcache"] if r % 2 == 0 else ["nixcache", "nix_copy"]:
@@ -221,6 +234,8 @@ def main() -> None:
                              "bucket_mb": round(bucket_bytes(s3, theirs) / 1e6, 1)},
             })  # fmt: skip
     finally:
+        if args.latency_ms:
+            proxy.terminate()
         weed.stop()
     hook_median, hook_p95 = hook_latency(workdir, config)
 
@@ -240,12 +255,16 @@ def main() -> None:
             "nixcache": round(sum(rounds[0]["nixcache"]["requests"].values()) / n_paths, 2),
             "nix_copy": round(sum(rounds[0]["nix_copy"]["requests"].values()) / n_paths, 2)},
         "hook_ms": {"median": round(hook_median, 1), "p95": round(hook_p95, 1)},
+        "latency_ms": args.latency_ms,
+        "compression_level": args.compression_level if args.compression_level is not None else "default (3)",
         "machine": f"{os.cpu_count()} cores",
         "nix_version": subprocess.run(["nix", "--version"], capture_output=True, text=True).stdout.strip(),
     }  # fmt: skip
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
-    (out / "upload.json").write_text(json.dumps(result, indent=2))
+    suffix = f"-level{args.compression_level}" if args.compression_level is not None else ""
+    suffix += f"-latency{args.latency_ms}ms" if args.latency_ms else ""
+    (out / f"upload{suffix}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -205,3 +206,42 @@ def test_sighup_applies_new_config_and_keeps_old_one_when_broken(
     assert daemon.alive()
     assert push_and_compression("r3") == "xz"
     assert daemon.stop() == 0
+
+
+def test_sigterm_mid_upload_exits_0_and_leaves_the_path_pending(
+    tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
+) -> None:
+    blob = add_blob(tmp_path, 150 << 20)
+    daemon = start_daemon(tmp_path, bucket, signing_key, part_size_mb=5, drain_timeout=0)
+    with open(tmp_path / "run" / "hook.fifo", "w") as fifo:
+        fifo.write(blob + "\n")
+    wait_until(
+        lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads"),
+        30, "a multipart upload in progress", interval=0.02,
+    )  # fmt: skip
+    assert daemon.stop() == 0
+    assert not bucket.has_narinfo(blob)
+    assert (tmp_path / "state" / "pending" / Path(blob).name).exists()
+    # The interrupted multipart upload was aborted, not left to be billed as storage.
+    assert not bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads")
+    daemon.start()
+    wait_until(lambda: bucket.has_narinfo(blob), 60, "upload after restart")
+    assert_uploaded(bucket, [blob], signing_key[1])
+    assert daemon.stop() == 0
+
+
+def test_large_path_is_pushed_in_bounded_memory(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
+    blob = add_blob(tmp_path, 600 << 20)
+    config = write_config(tmp_path / "config.toml", base_settings(tmp_path, bucket, signing_key[0], part_size_mb=8))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), blob],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    summary = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, summary
+    peak_mb = usage.ru_maxrss / 1024
+    assert peak_mb < 200, f"push of a 600 MB path peaked at {peak_mb:.0f} MB RSS"
+    assert "1 uploaded" in summary and "UploadPart" in summary
+    assert_uploaded(bucket, [blob], signing_key[1])
