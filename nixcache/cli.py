@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. state_dir or the FIFO's directory not writable
+        print(f"nixcache: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)

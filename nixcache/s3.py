@@ -52,6 +52,8 @@ def _describe(err: Exception, bucket: str, key: str | None) -> S3Error:
             "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
             "AccessDenied": "these credentials may not do this: check the bucket policy",
             "NoSuchBucket": "the bucket does not exist: create it first",
+            # HEAD responses carry no body, so only the status is known:
+            "403": "forbidden: wrong credentials (check credentials_file/profile) or a bucket policy that denies this",
         }.get(str(code), "")
         return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
     return S3Error(f"{where}: {err}")

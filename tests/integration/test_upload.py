@@ -245,3 +245,27 @@ def test_large_path_is_pushed_in_bounded_memory(tmp_path: Path, bucket: Bucket, 
     assert peak_mb < 200, f"push of a 600 MB path peaked at {peak_mb:.0f} MB RSS"
     assert "1 uploaded" in summary and "UploadPart" in summary
     assert_uploaded(bucket, [blob], signing_key[1])
+
+
+def test_wrong_credentials_are_reported_and_a_reload_with_good_ones_uploads(
+    tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
+) -> None:
+    settings = base_settings(tmp_path, bucket, signing_key[0])
+    wrong = tmp_path / "wrong-credentials"
+    wrong.write_text("[default]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n")
+    good = settings["s3"]["credentials_file"]
+    settings["s3"]["credentials_file"] = str(wrong)
+    config = write_config(tmp_path / "config.toml", settings)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, config))
+    failed = daemon.wait_event("push.failed", 30)
+    assert "403" in failed[0]["error"] and "credentials" in failed[0]["error"], failed[0]
+    assert "nothing" not in (tmp_path / "daemon.log").read_text()  # the secret is never logged
+    assert not any(bucket.has_narinfo(p) for p in closure)
+
+    settings["s3"]["credentials_file"] = good
+    write_config(config, settings)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("config.reloaded", 10)
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 30, "upload with the new credentials")
+    assert daemon.stop() == 0
