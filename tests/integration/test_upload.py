@@ -34,6 +34,16 @@ def start_daemon(tmp: Path, bucket: Bucket, key: tuple[Path, str], **upload: obj
     return Daemon(config, tmp / "daemon.log").start()
 
 
+def send_and_wait_for_multipart(daemon: Daemon, bucket: Bucket, path: str) -> None:
+    """Hand ``path`` to the daemon and return once its NAR's multipart upload is under way."""
+    with open(daemon.config.parent / "run" / "hook.fifo", "w") as fifo:
+        fifo.write(path + "\n")
+    wait_until(
+        lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads"),
+        30, "a multipart upload in progress", interval=0.02,
+    )  # fmt: skip
+
+
 def assert_uploaded(bucket: Bucket, paths: list[str], public_key: str) -> None:
     """Every path has a narinfo signed by our key whose NAR exists with the right size."""
     key = PublicKey.parse(public_key)
@@ -116,12 +126,7 @@ def test_kill9_during_large_upload_loses_nothing_and_never_dangles(
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        with open(daemon.config.parent / "run" / "hook.fifo", "w") as fifo:
-            fifo.write(blob + "\n")
-        wait_until(
-            lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads"),
-            30, "a multipart upload in progress", interval=0.02,
-        )  # fmt: skip
+        send_and_wait_for_multipart(daemon, bucket, blob)
         daemon.kill9()
         assert not bucket.has_narinfo(blob), "killed too late: the upload had already finished"
         assert (tmp_path / "state" / "pending" / Path(blob).name).exists()
@@ -213,12 +218,7 @@ def test_sigterm_mid_upload_exits_0_and_leaves_the_path_pending(
 ) -> None:
     blob = add_blob(tmp_path, 150 << 20)
     daemon = start_daemon(tmp_path, bucket, signing_key, part_size_mb=5, drain_timeout=0)
-    with open(tmp_path / "run" / "hook.fifo", "w") as fifo:
-        fifo.write(blob + "\n")
-    wait_until(
-        lambda: bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads"),
-        30, "a multipart upload in progress", interval=0.02,
-    )  # fmt: skip
+    send_and_wait_for_multipart(daemon, bucket, blob)
     assert daemon.stop() == 0
     assert not bucket.has_narinfo(blob)
     assert (tmp_path / "state" / "pending" / Path(blob).name).exists()
