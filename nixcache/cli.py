@@ -35,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
     push = sub.add_parser("push", help="push the closures of store paths now, in the foreground")
     push.add_argument("--config", help=config_help)
     push.add_argument("paths", nargs="+", metavar="STORE_PATH")
+
+    sub.add_parser("roots", help="list local GC roots and their published state").add_argument(
+        "--config", help=config_help
+    )
+    sub.add_parser("publish", help="publish the gcinfo of every local root now").add_argument(
+        "--config", help=config_help
+    )
+    deref = sub.add_parser("dereference", help="move gcinfos of roots gone from this host to the trash")
+    deref.add_argument("--config", help=config_help)
+    deref.add_argument("--dry-run", action="store_true", help="only print what would move")
+    for name, what in (("trash", "to the trash"), ("untrash", "back from the trash")):
+        cmd = sub.add_parser(name, help=f"move gcinfos {what} by hand")
+        cmd.add_argument("--config", help=config_help)
+        cmd.add_argument("roots", nargs="+", metavar="ROOT_OR_GCINFO", help="store path, link to one, or gcinfo name")
     return p
 
 
@@ -56,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.config, args.embedded)
         if args.command == "push":
             return _push(args.config, args.paths)
+        return _roots_command(args)
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)
         return 1
@@ -95,6 +110,33 @@ def _serve(config: str | None, embedded: str | None) -> int:
         return asyncio.run(Service(cfg, config_file).run())
     finally:
         weed.stop()
+
+
+def _roots_command(args: argparse.Namespace) -> int:
+    from nixcache import rootcmds
+    from nixcache.config import load_config
+
+    cfg, _ = load_config(args.config)
+    if args.command == "roots":
+        for state, root, how in asyncio.run(rootcmds.status(cfg)):
+            print(f"{state:9}  {root}  ({how})")
+        return 0
+    if args.command == "publish":
+        result = asyncio.run(rootcmds.publish(cfg))
+        print(f"published {len(result.published)}, unchanged {result.unchanged}, failed {len(result.failed)}; "
+              f"S3 requests: {dict(result.requests)}")  # fmt: skip
+        return 1 if result.failed else 0
+    if args.command == "dereference":
+        result = asyncio.run(rootcmds.dereference(cfg, args.dry_run))
+        verb = "would move" if args.dry_run else "moved"
+        for key in result.moved:
+            print(f"{verb} {key} to the trash")
+        print(f"{len(result.moved)} gcinfo(s) {verb}; S3 requests: {dict(result.requests)}")
+        return 0
+    moved = asyncio.run(rootcmds.move(cfg, args.roots, to_trash=args.command == "trash"))
+    for key in moved:
+        print(f"moved {key}")
+    return 0
 
 
 def _hook_script(config: str | None, output: Path) -> int:

@@ -58,15 +58,41 @@ class UploadConfig(_Section):
         return {"zstd": 3, "xz": 6, "none": 0}[self.compression]
 
 
+class RootsConfig(_Section):
+    include: tuple[str, ...] = ("*",)
+    """Globs; a root is published if its link, indirect link or store path matches one..."""
+    exclude: tuple[str, ...] = ("*nixos-rebuild*",)
+    """...and none of these (the nixos-system root that follows a rebuild covers it)."""
+    keep: tuple[str, ...] = ()
+    """Globs on a published root's store path or gcinfo name: never moved to the trash."""
+    debounce: float = Field(default=2.0, ge=0)
+    """Seconds of quiet after a change before the roots are rescanned (one burst, one round)."""
+    rescan_interval: float = Field(default=300.0, gt=0)
+    """Full rescan period: catches indirect roots (./result) re-pointed without an event."""
+
+
+class GcConfig(_Section):
+    dereference: bool = True
+    dereference_interval: float = Field(default=1800.0, gt=0)
+
+
 class Config(_Section):
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     store_dir: str = defaults.STORE_DIR
     gcroots_dir: Path = Path(defaults.GCROOTS_DIR)
+    profiles_dir: str = defaults.PROFILES_DIR
+    """Scanned like gcroots_dir, as Nix's own collector does; "" to disable."""
     state_dir: Path = Path(defaults.STATE_DIR)
     fifo: Path = Path(defaults.FIFO)
     s3: S3Config
     signing: SigningConfig
     upload: UploadConfig = UploadConfig()
+    roots: RootsConfig = RootsConfig()
+    gc: GcConfig = GcConfig()
+
+    def roots_dirs(self) -> list[Path]:
+        """Where GC roots are looked for, as Nix's collector does."""
+        return [self.gcroots_dir] + ([Path(self.profiles_dir)] if self.profiles_dir else [])
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -8,6 +8,7 @@ STATE_DIR = "/var/lib/nixcache"
 FIFO = "/run/nixcache/hook.fifo"
 STORE_DIR = "/nix/store"
 GCROOTS_DIR = "/nix/var/nix/gcroots"
+PROFILES_DIR = "/nix/var/nix/profiles"
 
 
 def spool_dir(state_dir: str) -> str:

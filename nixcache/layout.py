@@ -24,3 +24,34 @@ def nar_key(nar_hash_nix32: str, compression: str) -> str:
 
 def cache_info(store_dir: str, priority: int) -> str:
     return f"StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n"
+
+
+GCINFO_SUFFIX = ".gcinfo.gz"
+ROOTS_PREFIX = "gcroots/"
+TRASH_PREFIX = "gctrash/"
+
+
+def gcinfo_name(store_path: str) -> str:
+    """``/nix/store/<hash>-<name>`` → ``<name>-<hash>.gcinfo.gz`` (the original design's name)."""
+    base = store_path.rsplit("/", 1)[-1]
+    digest, _, name = base.partition("-")
+    return f"{name}-{digest}{GCINFO_SUFFIX}"
+
+
+def store_path_of_gcinfo(name: str, store_dir: str) -> str | None:
+    """Inverse of :func:`gcinfo_name` (None for a name that is not one)."""
+    if not name.endswith(GCINFO_SUFFIX):
+        return None
+    stem = name[: -len(GCINFO_SUFFIX)]
+    pname, _, digest = stem.rpartition("-")
+    if len(digest) != 32 or not pname:
+        return None
+    return f"{store_dir}/{digest}-{pname}"
+
+
+def roots_folder(hostname: str) -> str:
+    return f"{ROOTS_PREFIX}{hostname}/"
+
+
+def trash_folder(hostname: str) -> str:
+    return f"{TRASH_PREFIX}{hostname}/"

@@ -138,11 +138,29 @@ class S3:
         except BotoCoreError as e:
             raise _describe(e, self.bucket, key) from None
 
-    async def put(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         try:
-            await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            await self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata or {}
+            )
         except (ClientError, BotoCoreError) as e:
             raise _describe(e, self.bucket, key) from None
+
+    async def move(self, src: str, dst: str) -> None:
+        """Copy then delete: safe to repeat after a crash between the two (the copy is redone)."""
+        try:
+            await self.client.copy_object(
+                Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, MetadataDirective="COPY"
+            )
+            await self.client.delete_object(Bucket=self.bucket, Key=src)
+        except (ClientError, BotoCoreError) as e:
+            raise _describe(e, self.bucket, src) from None
 
     async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
         """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.

@@ -13,11 +13,12 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from nixcache import store
+from nixcache import roots, store
 from nixcache.config import Config, load_config, load_signing_key
 from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
 from nixcache.journal import Journal
 from nixcache.logs import get
+from nixcache.publisher import CycleResult, Publisher
 from nixcache.s3 import S3
 from nixcache.uploader import Uploader
 
@@ -77,6 +78,11 @@ class Service:
         self._partial = bytearray()
         self._discarding = False
         self._background: set[asyncio.Task[None]] = set()
+        self.publisher = Publisher(cfg)
+        self.live_roots: dict[str, roots.Root] = {}
+        self.roots_scanned = asyncio.Event()
+        self.roots_complete = False
+        self._reported: set[str] = set()
 
     # ---- input: FIFO and spool -------------------------------------------------------------
 
@@ -241,6 +247,81 @@ class Service:
             if idx not in self.workers:
                 self.workers[idx] = asyncio.create_task(self._worker(idx), name=f"worker-{idx}")
 
+    # ---- GC roots ----------------------------------------------------------------------------
+
+    def scan_roots(self) -> roots.Scan:
+        return roots.scan(self.cfg.roots_dirs(), self.cfg.store_dir)
+
+    def _report(self, scan: roots.Scan) -> None:
+        """Log each junk entry once, not at every rescan."""
+        for problem in [*scan.problems, *scan.unreadable]:
+            if problem not in self._reported:
+                self._reported.add(problem)
+                log.warning("roots.skipped", problem=problem)
+
+    async def _roots_loop(self, watcher: roots.Watcher) -> None:
+        """Scan, publish, then wait for inotify (debounced) or the periodic rescan."""
+        while not self.stopping.is_set():
+            scan = await asyncio.to_thread(self.scan_roots)
+            watcher.update(scan.dirs)
+            self._report(scan)
+            selected = roots.select(scan.roots, self.cfg.roots.include, self.cfg.roots.exclude)
+            self.live_roots, self.roots_complete = selected, not scan.unreadable
+            self.roots_scanned.set()
+            assert self.bucket is not None
+            with self.bucket.use() as uploader:
+                try:
+                    result = await self.publisher.publish(uploader, selected)
+                    self._log_cycle("roots.published", result, roots=len(selected))
+                except NixcacheError as e:
+                    log.warning("roots.publish_failed", error=str(e))
+            await self._wait_for_change(watcher)
+
+    async def _wait_for_change(self, watcher: roots.Watcher) -> None:
+        stop = asyncio.create_task(self.stopping.wait())
+        change = asyncio.create_task(watcher.changed.wait())
+        await asyncio.wait({stop, change}, timeout=self.cfg.roots.rescan_interval, return_when="FIRST_COMPLETED")
+        stop.cancel()
+        change.cancel()
+        # Debounce: a rebuild or a collection touches many links; wait for quiet (≤ 30 s).
+        deadline = time.monotonic() + 30
+        while watcher.changed.is_set() and time.monotonic() < deadline and not self.stopping.is_set():
+            watcher.changed.clear()
+            await asyncio.sleep(self.cfg.roots.debounce)
+
+    async def _dereference_loop(self) -> None:
+        await self.roots_scanned.wait()
+        while not self.stopping.is_set():
+            if self.cfg.gc.dereference:
+                await self.dereference_now()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.gc.dereference_interval)
+
+    async def dereference_now(self) -> None:
+        if not self.roots_complete:
+            log.warning("dereference.skipped", reason="some roots directories could not be read")
+            return
+        assert self.bucket is not None
+        with self.bucket.use() as uploader:
+            try:
+                result = await self.publisher.dereference(uploader.s3, self.live_roots)
+                self._log_cycle("dereference.done", result)
+            except NixcacheError as e:
+                log.warning("dereference.failed", error=str(e))
+
+    @staticmethod
+    def _log_cycle(event: str, result: CycleResult, **extra: object) -> None:
+        log.info(
+            event,
+            published=len(result.published),
+            unchanged=result.unchanged,
+            failed=len(result.failed),
+            trashed=len(result.moved),
+            requests=dict(result.requests),
+            seconds=round(result.seconds, 3),
+            **extra,
+        )
+
     # ---- control ---------------------------------------------------------------------------
 
     async def reload(self) -> None:
@@ -260,6 +341,7 @@ class Service:
                 new.uploader.known_present = old.uploader.known_present
             self._background_task(old.close())
         self.cfg = cfg
+        self.publisher.cfg = cfg
         self._spawn_workers()
         log.info("config.reloaded", workers=cfg.upload.workers, compression=cfg.upload.compression,
                  bucket=cfg.s3.bucket)  # fmt: skip
@@ -281,17 +363,26 @@ class Service:
             self._enqueue(path)
         self._spawn_workers()
         refill = asyncio.create_task(self._refill_loop(), name="refill")
+        watcher = roots.Watcher()
+        watcher.start()
+        loops = [
+            refill,
+            asyncio.create_task(self._roots_loop(watcher), name="roots"),
+            asyncio.create_task(self._dereference_loop(), name="dereference"),
+        ]
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
                  workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip
         await self.stopping.wait()
-        await self._drain(refill)
+        watcher.close()
+        await self._drain(loops)
         return 0
 
-    async def _drain(self, refill: asyncio.Task[None]) -> None:
+    async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
         """Stop taking work, give in-flight uploads ``drain_timeout``, leave the rest pending."""
         log.info("service.stopping", in_flight=len(self.busy), pending=len(self.journal.pending()))
         self._close_fifo()
-        refill.cancel()
+        for loop in loops:
+            loop.cancel()
         for idx, task in list(self.workers.items()):
             if idx not in self.busy:
                 task.cancel()
@@ -301,7 +392,7 @@ class Service:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(refill, return_exceptions=True)
+        await asyncio.gather(*loops, return_exceptions=True)
         if self.bucket is not None:
             await self.bucket.close()
         log.info("service.stopped", pending=len(self.journal.pending()))

@@ -159,10 +159,15 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
 
 
 def base_settings(tmp: Path, bucket: Bucket, secret_key: Path, **upload: Any) -> dict[str, Any]:
+    (tmp / "gcroots").mkdir(exist_ok=True)
     return {
         "hostname": "testhost",
         "state_dir": str(tmp / "state"),
         "fifo": str(tmp / "run" / "hook.fifo"),
+        "gcroots_dir": str(tmp / "gcroots"),
+        "profiles_dir": "",
+        "roots": {"debounce": 0.2},
+        "gc": {"dereference_interval": 3600},
         "s3": {
             "bucket": bucket.name,
             "endpoint": bucket.endpoint,
@@ -267,6 +272,12 @@ def write_hook_script(tmp: Path, config: Path) -> Path:
     script = tmp / "post-build-hook.sh"
     subprocess.run([str(BIN / "nixcache"), "hook-script", "--config", str(config), str(script)], check=True)
     return script
+
+
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nixcache.cli", *args, "--config", str(config)], capture_output=True, text=True
+    )
 
 
 def nix_build(tmp: Path, hook: Path | None = None, size: int = 0, out: str = "result") -> list[str]:

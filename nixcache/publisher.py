@@ -1,0 +1,179 @@
+"""Tell the bucket which closures this host still uses (gcinfo), and trash the ones it dropped.
+
+Publishing a root first pushes its closure (so every narinfo a gcinfo lists exists), then
+writes ``gcroots/<host>/<name>-<hash>.gcinfo.gz`` — unless the bucket already holds the very
+same bytes (compared by ETag, from one LIST at start): an unchanged root costs no request.
+Dereferencing moves this host's gcinfos whose root is gone to ``gctrash/<host>/``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nixcache import layout, s3, store
+from nixcache.config import Config
+from nixcache.errors import NixcacheError
+from nixcache.gcinfo import Gcinfo, Member, etag_of
+from nixcache.logs import get
+from nixcache.roots import Root, is_kept
+from nixcache.store import PathInfo
+from nixcache.uploader import Uploader, upstream_paths
+
+log = get("nixcache.publisher")
+
+
+def closure_of(root: str, infos: dict[str, PathInfo]) -> list[str]:
+    """Every path ``root`` references, directly or not, itself included (pure)."""
+    seen = {root}
+    todo = [root]
+    while todo:
+        for ref in infos[todo.pop()].references:
+            if ref not in seen and ref in infos:
+                seen.add(ref)
+                todo.append(ref)
+    return sorted(seen)
+
+
+def build_gcinfo(root: str, infos: dict[str, PathInfo], upstream: set[str]) -> Gcinfo:
+    members = tuple(
+        Member(layout.hash_part(p), infos[p].nar_hash_nix32, infos[p].nar_size)
+        for p in closure_of(root, infos)
+        if p not in upstream
+    )
+    return Gcinfo(root, members)
+
+
+@dataclass
+class CycleResult:
+    published: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    moved: list[str] = field(default_factory=list)
+    requests: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+@dataclass
+class Entry:
+    """What this host's folder holds for one gcinfo (from a LIST or our own PUT)."""
+
+    key: str
+    etag: str
+
+
+class Publisher:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.folder = layout.roots_folder(cfg.hostname)
+        self.trash = layout.trash_folder(cfg.hostname)
+        self.remote: dict[str, str] | None = None
+        """key → ETag of this host's published gcinfos; None until listed."""
+
+    async def list_remote(self, bucket: s3.S3) -> dict[str, str]:
+        self.remote = {
+            obj["Key"]: str(obj.get("ETag", "")).strip('"')
+            async for obj in bucket.list_keys(self.folder)
+            if str(obj["Key"]).endswith(layout.GCINFO_SUFFIX)
+        }
+        return self.remote
+
+    async def gcinfos(self, roots: Iterable[str]) -> dict[str, tuple[Gcinfo, bytes]]:
+        """The gcinfo each root would have now, from the local Nix database (no S3)."""
+        roots = sorted(roots)
+        infos = await store.closure(roots) if roots else {}
+        upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
+        out = {}
+        for root in roots:
+            info = build_gcinfo(root, infos, upstream)
+            out[root] = (info, info.render())
+        return out
+
+    async def publish(self, uploader: Uploader, roots: dict[str, Root]) -> CycleResult:
+        """Publish every root whose gcinfo is missing or different; push closures first."""
+        started = time.monotonic()
+        result = CycleResult()
+        bucket = uploader.s3
+        with s3.job_requests() as counter:
+            remote = self.remote if self.remote is not None else await self.list_remote(bucket)
+            wanted = await self.gcinfos(roots)
+            changed = {}
+            for root, (info, data) in wanted.items():
+                key = self.folder + layout.gcinfo_name(root)
+                if remote.get(key) == etag_of(data):
+                    result.unchanged += 1
+                else:
+                    changed[root] = (key, info, data)
+            # One push for all changed roots: one presence check (a LIST when cheaper) for the
+            # union of their closures. If it fails, push root by root to find out which.
+            try:
+                if changed:  # nothing changed: no request at all
+                    await uploader.push(sorted(changed))
+                pushed = set(changed)
+            except NixcacheError:
+                pushed = set()
+                for root in sorted(changed):
+                    try:
+                        await uploader.push([root])
+                        pushed.add(root)
+                    except NixcacheError as e:
+                        result.failed[root] = str(e)
+                        log.warning("gcinfo.failed", root=root, error=str(e))
+            for root in sorted(pushed):
+                key, info, data = changed[root]
+                metadata = {"closuresize": str(info.nar_size), "paths": str(len(info.members))}
+                try:
+                    await bucket.put(key, data, "application/gzip", metadata)
+                except NixcacheError as e:
+                    result.failed[root] = str(e)
+                    log.warning("gcinfo.failed", root=root, error=str(e))
+                    continue
+                remote[key] = etag_of(data)
+                result.published.append(root)
+                log.info("gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size)
+            result.requests = counter
+        result.seconds = time.monotonic() - started
+        return result
+
+    def gone(self, remote: Iterable[str], live: Iterable[str]) -> list[str]:
+        """Keys of this host's gcinfos whose root is no longer live nor pinned (pure)."""
+        live_keys = {self.folder + layout.gcinfo_name(p) for p in live}
+        out = []
+        for key in sorted(remote):
+            if key in live_keys:
+                continue
+            store_path = layout.store_path_of_gcinfo(key[len(self.folder) :], self.cfg.store_dir)
+            if store_path is None or is_kept(store_path, self.cfg.roots.keep):
+                continue
+            out.append(key)
+        return out
+
+    async def dereference(self, bucket: s3.S3, live: Iterable[str], dry_run: bool = False) -> CycleResult:
+        """Move gcinfos of roots that are gone to the trash. One LIST when nothing moves."""
+        started = time.monotonic()
+        result = CycleResult()
+        with s3.job_requests() as counter:
+            remote = await self.list_remote(bucket)
+            for key in self.gone(remote, live):
+                result.moved.append(key)
+                if dry_run:
+                    continue
+                await bucket.move(key, self.trash + key[len(self.folder) :])
+                remote.pop(key, None)
+                log.info("gcinfo.trashed", key=key)
+            result.requests = counter
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def move_by_hand(self, bucket: s3.S3, names: Iterable[str], to_trash: bool) -> list[str]:
+        """`nixcache trash` / `untrash`: move the named gcinfos between the two folders."""
+        src, dst = (self.folder, self.trash) if to_trash else (self.trash, self.folder)
+        moved = []
+        for name in names:
+            await bucket.move(src + name, dst + name)
+            moved.append(src + name)
+        if self.remote is not None:
+            self.remote = None  # re-list before the next publish
+        return moved

@@ -1,0 +1,78 @@
+"""The GC-roots subcommands run by hand: roots, publish, dereference, trash, untrash."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from nixcache import layout, roots
+from nixcache.config import Config, load_signing_key
+from nixcache.errors import NixcacheError
+from nixcache.gcinfo import etag_of
+from nixcache.publisher import CycleResult, Publisher
+from nixcache.s3 import S3
+from nixcache.uploader import Uploader
+
+
+def local_roots(cfg: Config) -> tuple[dict[str, roots.Root], roots.Scan]:
+    scan = roots.scan(cfg.roots_dirs(), cfg.store_dir)
+    return roots.select(scan.roots, cfg.roots.include, cfg.roots.exclude), scan
+
+
+async def status(cfg: Config) -> list[tuple[str, str, str]]:
+    """(state, root, how it was found) for every local root and every published gcinfo:
+    published (bucket has exactly this closure), stale (it has an older one), missing, gone
+    (published, no longer a local root: the next dereference trashes it), pinned (gone, but
+    matches `keep`)."""
+    selected, _ = local_roots(cfg)
+    publisher = Publisher(cfg)
+    async with S3(cfg.s3) as bucket:
+        remote = await publisher.list_remote(bucket)
+    rows = []
+    for root, (_, data) in (await publisher.gcinfos(selected)).items():
+        etag = remote.get(publisher.folder + layout.gcinfo_name(root))
+        state = "missing" if etag is None else "published" if etag == etag_of(data) else "stale"
+        rows.append((state, root, " → ".join(selected[root].chains[0])))
+    gone = set(publisher.gone(remote, selected))
+    for key in sorted(remote):
+        store_path = layout.store_path_of_gcinfo(key[len(publisher.folder) :], cfg.store_dir) or key
+        if key in gone:
+            rows.append(("gone", store_path, key))
+        elif store_path not in selected:
+            rows.append(("pinned", store_path, key))
+    return rows
+
+
+async def publish(cfg: Config) -> CycleResult:
+    selected, _ = local_roots(cfg)
+    async with S3(cfg.s3) as bucket:
+        return await Publisher(cfg).publish(Uploader(cfg, bucket, load_signing_key(cfg)), selected)
+
+
+async def dereference(cfg: Config, dry_run: bool) -> CycleResult:
+    selected, scan = local_roots(cfg)
+    if scan.unreadable:
+        raise NixcacheError(f"cannot read {scan.unreadable[0]}: not dereferencing (a live root could be missed)")
+    async with S3(cfg.s3) as bucket:
+        return await Publisher(cfg).dereference(bucket, selected, dry_run=dry_run)
+
+
+def gcinfo_names(cfg: Config, args: Iterable[str]) -> list[str]:
+    """A gcinfo name, a store path, or a link to one → the gcinfo's name."""
+    names = []
+    for arg in args:
+        if arg.endswith(layout.GCINFO_SUFFIX):
+            names.append(os.path.basename(arg))
+            continue
+        target = os.path.realpath(arg) if os.path.lexists(arg) else arg
+        prefix = cfg.store_dir.rstrip("/") + "/"
+        if not target.startswith(prefix):
+            raise NixcacheError(f"{arg}: neither a gcinfo name nor a store path (or a link to one)")
+        names.append(layout.gcinfo_name(prefix + target[len(prefix) :].split("/", 1)[0]))
+    return names
+
+
+async def move(cfg: Config, args: list[str], to_trash: bool) -> list[str]:
+    names = gcinfo_names(cfg, args)
+    async with S3(cfg.s3) as bucket:
+        return await Publisher(cfg).move_by_hand(bucket, names, to_trash)
