@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=f"move gcinfos {what} by hand")
         cmd.add_argument("--config", help=config_help)
         cmd.add_argument("roots", nargs="+", metavar="ROOT_OR_GCINFO", help="store path, link to one, or gcinfo name")
+    gc = sub.add_parser("gc", help="collect the trash now: delete what no live root of any host uses")
+    gc.add_argument("--config", help=config_help)
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be deleted, with bytes")
+    residual = sub.add_parser("residual", help="delete objects no live root accounts for, older than an age")
+    residual.add_argument("--config", help=config_help)
+    residual.add_argument("--older-than", default="7d", help="age, e.g. 7d, 12h (default 7d)")
+    residual.add_argument("--dry-run", action="store_true", help="only print what would be deleted, with bytes")
     return p
 
 
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.config, args.embedded)
         if args.command == "push":
             return _push(args.config, args.paths)
+        if args.command in ("gc", "residual"):
+            return _gc_command(args)
         return _roots_command(args)
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)
@@ -110,6 +119,21 @@ def _serve(config: str | None, embedded: str | None) -> int:
         return asyncio.run(Service(cfg, config_file).run())
     finally:
         weed.stop()
+
+
+def _gc_command(args: argparse.Namespace) -> int:
+    from nixcache import gccmd
+    from nixcache.config import load_config, parse_duration
+
+    cfg, _ = load_config(args.config)
+    if args.command == "gc":
+        result = asyncio.run(gccmd.collect(cfg, args.dry_run, residual_age=None, trash=True))
+    else:
+        age = parse_duration(args.older_than)
+        assert isinstance(age, float)
+        result = asyncio.run(gccmd.collect(cfg, args.dry_run, residual_age=age, trash=False))
+    print(gccmd.report(result, args.dry_run))
+    return 0
 
 
 def _roots_command(args: argparse.Namespace) -> int:

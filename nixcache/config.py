@@ -6,9 +6,9 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from nixcache import defaults
 from nixcache.errors import ConfigError, SigningError
@@ -58,6 +58,26 @@ class UploadConfig(_Section):
         return {"zstd": 3, "xz": 6, "none": 0}[self.compression]
 
 
+def parse_duration(value: object) -> object:
+    """Seconds, or a string like ``90s``, ``30m``, ``12h``, ``7d``."""
+    if isinstance(value, str):
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        text = value.strip()
+        if text and text[-1] in units:
+            try:
+                return float(text[:-1]) * units[text[-1]]
+            except ValueError:
+                pass
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 30m, 12h, 7d)") from None
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
 class RootsConfig(_Section):
     include: tuple[str, ...] = ("*",)
     """Globs; a root is published if its link, indirect link or store path matches one..."""
@@ -65,15 +85,23 @@ class RootsConfig(_Section):
     """...and none of these (the nixos-system root that follows a rebuild covers it)."""
     keep: tuple[str, ...] = ()
     """Globs on a published root's store path or gcinfo name: never moved to the trash."""
-    debounce: float = Field(default=2.0, ge=0)
+    debounce: Duration = 2.0
     """Seconds of quiet after a change before the roots are rescanned (one burst, one round)."""
-    rescan_interval: float = Field(default=300.0, gt=0)
+    rescan_interval: Duration = 300.0
     """Full rescan period: catches indirect roots (./result) re-pointed without an event."""
 
 
 class GcConfig(_Section):
     dereference: bool = True
-    dereference_interval: float = Field(default=1800.0, gt=0)
+    dereference_interval: Duration = 1800.0
+    collect: bool = True
+    collect_interval: Duration = 3600.0
+    grace_period: Duration = 86400.0
+    """Nothing uploaded (narinfo or NAR written) within this long is collected."""
+    lease_ttl: Duration = 3600.0
+    """A collector's lease expires after this long, so a dead host's lease does not block forever."""
+    residual_age: Duration | None = None
+    """If set, also delete residual objects older than this at each collection."""
 
 
 class Config(_Section):

@@ -17,11 +17,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from nixcache.errors import NixcacheError
+
 VERSION = 1
 _LINE = re.compile(r"^([0-9a-df-np-sv-z]{32})\.narinfo(?: ([0-9a-df-np-sv-z]{52}) ([0-9]+))?$")
 
 
-class GcinfoError(ValueError):
+class GcinfoError(NixcacheError, ValueError):
     """A gcinfo that does not parse: garbage collection must stop, not guess."""
 
 

@@ -55,3 +55,29 @@ def roots_folder(hostname: str) -> str:
 
 def trash_folder(hostname: str) -> str:
     return f"{TRASH_PREFIX}{hostname}/"
+
+
+GC_LEASE = "gc.lease"
+NAR_PREFIX = "nar/"
+
+
+def nar_candidates(nar_hash_nix32: str) -> list[str]:
+    """Every key a NAR with this hash may have (one per compression)."""
+    return [nar_key(nar_hash_nix32, c) for c in COMPRESSION_EXTENSIONS]
+
+
+def hash_of_narinfo_key(key: str) -> str | None:
+    """``<hash>.narinfo`` → ``<hash>``; None for any other key."""
+    if "/" in key or not key.endswith(".narinfo"):
+        return None
+    digest = key[: -len(".narinfo")]
+    return digest if len(digest) == 32 else None
+
+
+def hash_of_nar_key(key: str) -> str | None:
+    """``nar/<narHash>.nar[.ext]`` → ``<narHash>`` (nix32); None for any other key."""
+    if not key.startswith(NAR_PREFIX):
+        return None
+    name = key[len(NAR_PREFIX) :]
+    digest, sep, _ = name.partition(".nar")
+    return digest if sep and len(digest) == 52 else None

@@ -152,6 +152,47 @@ class S3:
         except (ClientError, BotoCoreError) as e:
             raise _describe(e, self.bucket, key) from None
 
+    async def put_if(self, key: str, body: bytes, *, none_match: bool = False, match: str | None = None) -> str | None:
+        """Conditional PUT (``If-None-Match: *`` or ``If-Match: etag``): the new ETag, or None
+        when the condition failed (someone else's object is there / it changed)."""
+        kwargs: dict[str, Any] = {"IfNoneMatch": "*"} if none_match else {"IfMatch": match}
+        try:
+            resp = await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **kwargs)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise _describe(e, self.bucket, key) from None
+        except BotoCoreError as e:
+            raise _describe(e, self.bucket, key) from None
+        return str(resp.get("ETag", ""))
+
+    async def delete_if(self, key: str, etag: str) -> bool:
+        """Delete ``key`` only if its ETag is still ``etag``."""
+        try:
+            await self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            return True
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                return False
+            raise _describe(e, self.bucket, key) from None
+        except BotoCoreError as e:
+            raise _describe(e, self.bucket, key) from None
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """DeleteObjects, ≤ 1000 keys a request (missing keys are not an error in S3)."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            try:
+                resp = await self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as e:
+                raise _describe(e, self.bucket, batch[0]) from None
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise S3Error(f"s3://{self.bucket}/{first.get('Key')}: delete failed: {first.get('Code')}")
+
     async def move(self, src: str, dst: str) -> None:
         """Copy then delete: safe to repeat after a crash between the two (the copy is redone)."""
         try:
@@ -207,11 +248,26 @@ class S3:
                 with contextlib.suppress(ClientError, BotoCoreError):
                     await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
-    async def list_keys(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
-        """Every object under ``prefix`` (paged LIST), as the API's dicts (Key, Size, ETag…)."""
-        paginator = self.client.get_paginator("list_objects_v2")
+    async def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when it does not exist."""
         try:
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                return await body.read(), str(resp.get("ETag", ""))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _describe(e, self.bucket, key) from None
+        except BotoCoreError as e:
+            raise _describe(e, self.bucket, key) from None
+
+    async def list_keys(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every object under ``prefix`` (paged LIST), as the API's dicts (Key, Size, ETag,
+        LastModified). With ``delimiter="/"``, sub-folders are not descended."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        extra: dict[str, Any] = {"Delimiter": delimiter} if delimiter else {}
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **extra):
                 for obj in page.get("Contents", []):
                     yield dict(obj)
         except (ClientError, BotoCoreError) as e:

@@ -16,6 +16,7 @@ from typing import Any
 from nixcache import roots, store
 from nixcache.config import Config, load_config, load_signing_key
 from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
+from nixcache.gc import Collector
 from nixcache.journal import Journal
 from nixcache.logs import get
 from nixcache.publisher import CycleResult, Publisher
@@ -309,6 +310,37 @@ class Service:
             except NixcacheError as e:
                 log.warning("dereference.failed", error=str(e))
 
+    async def _collect_loop(self) -> None:
+        await self.roots_scanned.wait()  # our own roots are published before we judge others'
+        while not self.stopping.is_set():
+            if self.cfg.gc.collect:
+                await self.collect_now()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.gc.collect_interval)
+
+    async def collect_now(self) -> None:
+        assert self.bucket is not None
+        with self.bucket.use() as uploader:
+            try:
+                result = await Collector(self.cfg, uploader.s3).collect(residual_age=self.cfg.gc.residual_age)
+            except NixcacheError as e:  # e.g. a corrupt gcinfo: nothing was deleted
+                log.error("gc.aborted", error=str(e))
+                return
+        plan = result.plan
+        log.info(
+            "gc.done",
+            skipped=result.skipped,
+            gcinfos_read=result.gcinfos_read,
+            gcinfos_cached=result.gcinfos_cached,
+            dead_paths=plan.dead_paths,
+            kept_young=plan.kept_young,
+            kept_shared_nar=plan.kept_shared_nar,
+            deleted=result.deleted,
+            bytes=plan.bytes + (result.residual.bytes if result.residual else 0),
+            requests=dict(result.requests),
+            seconds=round(result.seconds, 3),
+        )
+
     @staticmethod
     def _log_cycle(event: str, result: CycleResult, **extra: object) -> None:
         log.info(
@@ -369,6 +401,7 @@ class Service:
             refill,
             asyncio.create_task(self._roots_loop(watcher), name="roots"),
             asyncio.create_task(self._dereference_loop(), name="dereference"),
+            asyncio.create_task(self._collect_loop(), name="collect"),
         ]
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
                  workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip

@@ -327,3 +327,42 @@ def dangling_narinfos(bucket: Bucket) -> list[str]:
             if url not in keys:
                 bad.append(key)
     return bad
+
+
+PAIR = r"""
+{ seed }:
+let
+  mk = name: deps: derivation {
+    inherit name seed deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out; echo ${name} $seed > $out/name
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  };
+  shared = mk "nixcache-shared" [ ];
+in {
+  one = mk "nixcache-one" [ shared (mk "nixcache-one-dep" [ ]) ];
+  two = mk "nixcache-two" [ shared (mk "nixcache-two-dep" [ ]) ];
+}
+"""
+
+
+def build_pair(tmp: Path) -> tuple[str, str, str]:
+    """Two roots sharing one dependency: (root one, root two, the shared path)."""
+    expr = tmp / "pair.nix"
+    expr.write_text(PAIR)
+    out = subprocess.run(
+        ["nix-build", str(expr), "--argstr", "seed", uuid.uuid4().hex, "--no-out-link",
+         "--option", "substituters", ""],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    one, two = out
+    shared = next(p for p in closure_of(one) if p.endswith("-nixcache-shared"))
+    return one, two, shared
+
+
+def closure_of(path: str) -> list[str]:
+    return subprocess.run(["nix-store", "-qR", path], check=True, capture_output=True, text=True).stdout.split()

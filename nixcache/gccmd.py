@@ -1,0 +1,32 @@
+"""`nixcache gc` and `nixcache residual`: one collection, printed."""
+
+from __future__ import annotations
+
+from nixcache.config import Config
+from nixcache.gc import Collector, GcResult
+from nixcache.s3 import S3
+
+
+async def collect(cfg: Config, dry_run: bool, residual_age: float | None, trash: bool) -> GcResult:
+    async with S3(cfg.s3) as bucket:
+        return await Collector(cfg, bucket).collect(dry_run=dry_run, residual_age=residual_age, trash=trash)
+
+
+def report(result: GcResult, dry_run: bool) -> str:
+    if result.skipped:
+        return f"skipped: {result.skipped}"
+    verb = "would delete" if dry_run else "deleted"
+    plan = result.plan
+    lines = [f"{verb} {key}" for key in plan.objects()]
+    residual = result.residual
+    if residual is not None:
+        lines += [f"{verb} {key} (residual)" for key in [*residual.narinfos, *residual.nars]]
+    total = plan.bytes + (residual.bytes if residual else 0)
+    count = len(plan.objects()) + (len(residual.narinfos) + len(residual.nars) if residual else 0)
+    lines.append(
+        f"{verb} {count} objects, {total / 1e6:.2f} MB ({total} bytes): {plan.dead_paths} dead paths, "
+        f"{plan.kept_young} kept as younger than the grace period, {plan.kept_shared_nar} NARs kept as shared; "
+        f"gcinfos downloaded {result.gcinfos_read}, from cache {result.gcinfos_cached}; "
+        f"S3 requests: {dict(result.requests)}; {result.seconds:.1f}s"
+    )
+    return "\n".join(lines)
