@@ -7,6 +7,7 @@ argument is in docs/gc.md; every rule there is a branch of :func:`plan_collectio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from nixcache import layout, s3
 from nixcache.config import Config
 from nixcache.gcinfo import Gcinfo, GcinfoError, Member, parse
 from nixcache.logs import get
+from nixcache.uploader import LIST_COST_IN_HEADS
 
 log = get("nixcache.gc")
 
@@ -57,6 +59,25 @@ class Plan:
         return [*self.narinfos, *self.nars, *self.trash]
 
 
+def dead_members(trash: dict[str, Gcinfo], live: dict[str, Gcinfo]) -> dict[str, Member]:
+    """closure(trash) - closure(live), by narinfo hash (pure)."""
+    live_hashes = {m.hash_part for g in live.values() for m in g.members}
+    dead: dict[str, Member] = {}
+    for g in trash.values():
+        for m in g.members:
+            if m.hash_part not in live_hashes and (m.hash_part not in dead or m.nar_hash):
+                dead[m.hash_part] = m
+    return dead
+
+
+def use_heads(n_dead: int, n_known_paths: int) -> bool:
+    """Ask about the dead paths' objects one HEAD each (narinfo + NAR), or LIST the bucket?
+    The bucket holds about ``n_known_paths`` narinfos and as many NARs; a LIST page (1000
+    keys) costs about LIST_COST_IN_HEADS HEADs."""
+    pages = 2 * (n_known_paths // 1000 + 1)
+    return 2 * n_dead < pages * LIST_COST_IN_HEADS
+
+
 def plan_collection(
     trash: dict[str, Gcinfo],
     live: dict[str, Gcinfo],
@@ -67,7 +88,6 @@ def plan_collection(
 ) -> Plan:
     """What a collection deletes (pure). ``narinfos`` is keyed by hash part, ``nars`` by key."""
     plan = Plan()
-    live_hashes = {m.hash_part for g in live.values() for m in g.members}
     protected_nars = {m.nar_hash for g in live.values() for m in g.members if m.nar_hash}
     # A live member without a NAR hash (the original tool's format) could share any NAR.
     live_nars_known = all(m.nar_hash for g in live.values() for m in g.members)
@@ -75,11 +95,7 @@ def plan_collection(
     def young(obj: Obj | None) -> bool:
         return obj is not None and now - obj.mtime < grace
 
-    dead: dict[str, Member] = {}
-    for g in trash.values():
-        for m in g.members:
-            if m.hash_part not in live_hashes and (m.hash_part not in dead or m.nar_hash):
-                dead[m.hash_part] = m
+    dead = dead_members(trash, live)
     plan.dead_paths = len(dead)
     kept: set[str] = set()
     for h, m in dead.items():
@@ -259,6 +275,33 @@ class Collector:
     async def _read_all(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
         return {key: await self.cache.read(self.bucket, obj) for key, obj in sorted(objs.items())}
 
+    async def _heads(self, dead: dict[str, Member]) -> tuple[dict[str, Obj], dict[str, Obj]]:
+        """The dead paths' narinfos and NARs, one HEAD each (16 at a time); a NAR's
+        compression is unknown, so its candidate names are tried most likely first."""
+        narinfos: dict[str, Obj] = {}
+        nars: dict[str, Obj] = {}
+        sem = asyncio.Semaphore(16)
+
+        async def head(key: str) -> Obj | None:
+            async with sem:
+                meta = await self.bucket.head(key)
+            if meta is None:
+                return None
+            modified = meta.get("LastModified")
+            mtime = modified.timestamp() if isinstance(modified, datetime) else 0.0
+            return Obj(key, int(meta.get("ContentLength", 0)), mtime)
+
+        async def one(h: str, m: Member) -> None:
+            if (obj := await head(f"{h}.narinfo")) is not None:
+                narinfos[h] = obj
+            for key in layout.nar_candidates(m.nar_hash) if m.nar_hash else []:
+                if (nar := await head(key)) is not None:
+                    nars[key] = nar
+                    break
+
+        await asyncio.gather(*(one(h, m) for h, m in dead.items()))
+        return narinfos, nars
+
     async def _objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
         top = await _listing(self.bucket, "", "/")
         narinfos = {h: o for o in top.values() if (h := layout.hash_of_narinfo_key(o.key))}
@@ -313,7 +356,12 @@ class Collector:
             live = await self._read_all(live_objs)
             result.gcinfos_read = self.cache.downloads
             result.gcinfos_cached = self.cache.hits
-            narinfos, nars = await self._objects()
+            known = len({m.hash_part for g in (*trash.values(), *live.values()) for m in g.members})
+            dead = dead_members(trash, live)
+            if residual_age is None and use_heads(len(dead), known):
+                narinfos, nars = await self._heads(dead)
+            else:
+                narinfos, nars = await self._objects()
             now = time.time()
             result.plan = plan_collection(trash, live, narinfos, nars, now, self.cfg.gc.grace_period)
             if residual_age is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 
 from nixcache.errors import NixcacheError
@@ -27,7 +28,7 @@ class GcinfoError(NixcacheError, ValueError):
     """A gcinfo that does not parse: garbage collection must stop, not guess."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Member:
     hash_part: str
     nar_hash: str | None = None  # nix32, without "sha256:"
@@ -75,7 +76,8 @@ def parse(data: bytes, what: str = "gcinfo") -> Gcinfo:
         m = _LINE.match(line.strip())
         if not m:
             raise GcinfoError(f"{what}: line {n} is not '<hash>.narinfo [<narHash> <narSize>]': {line[:80]!r}")
-        members.append(Member(m[1], m[2], int(m[3]) if m[3] else None))
+        # Interned: the same path appears in many gcinfos; one string object serves them all.
+        members.append(Member(sys.intern(m[1]), sys.intern(m[2]) if m[2] else None, int(m[3]) if m[3] else None))
     return Gcinfo(root, tuple(members))
 
 

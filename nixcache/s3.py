@@ -115,12 +115,15 @@ class S3:
         return self._client
 
     async def exists(self, key: str) -> bool:
+        return await self.head(key) is not None
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata (ContentLength, LastModified, ETag…), or None if it is absent."""
         try:
-            await self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
+            return dict(await self.client.head_object(Bucket=self.bucket, Key=key))
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
+                return None
             raise _describe(e, self.bucket, key) from None
         except BotoCoreError as e:
             raise _describe(e, self.bucket, key) from None

@@ -271,3 +271,18 @@ def test_residual_deletes_only_what_no_live_root_accounts_for(
     assert all(bucket.has_narinfo(p) for p in [*closure_of(one), *closure_of(two)])
     assert dangling_narinfos(bucket) == []
     assert len(bucket.keys("nar/")) == len(set(closure_of(one)) | set(closure_of(two)))
+
+
+def test_the_daemon_collects_on_its_schedule(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
+    from tests.harness import Daemon
+
+    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key, collect_interval=1)
+    beta.unroot("two")
+    beta.run("dereference")
+    daemon = Daemon(alpha.config, tmp_path / "daemon.log").start()
+    done = daemon.wait_event("gc.done", 20)
+    assert not bucket.has_narinfo(two) and bucket.has_narinfo(one)
+    assert done[0]["deleted"] > 0 and done[0]["dead_paths"] == 2
+    idle = daemon.wait_event("gc.done", 20, count=2)[1]
+    assert idle["requests"] == {"ListObjectsV2": 1}, "an empty trash costs one LIST"
+    assert daemon.stop() == 0
