@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from nixcache import roots, store
+from nixcache import roots, sdnotify, store
 from nixcache.config import Config, load_config, load_signing_key
 from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
 from nixcache.gc import Collector
@@ -375,6 +375,7 @@ class Service:
         self.cfg = cfg
         self.publisher.cfg = cfg
         self._spawn_workers()
+        sdnotify.notify(f"STATUS={self.status_line()}")
         log.info("config.reloaded", workers=cfg.upload.workers, compression=cfg.upload.compression,
                  bucket=cfg.s3.bucket)  # fmt: skip
 
@@ -403,6 +404,11 @@ class Service:
             asyncio.create_task(self._dereference_loop(), name="dereference"),
             asyncio.create_task(self._collect_loop(), name="collect"),
         ]
+        # Ready only once the FIFO is open and the roots are scanned and watched.
+        await self.roots_scanned.wait()
+        if (period := sdnotify.watchdog_period()) is not None:
+            loops.append(asyncio.create_task(self._watchdog_loop(period), name="watchdog"))
+        sdnotify.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
                  workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip
         await self.stopping.wait()
@@ -410,8 +416,22 @@ class Service:
         await self._drain(loops)
         return 0
 
+    def status_line(self) -> str:
+        return (
+            f"{len(self.journal.pending())} paths pending, {len(self.busy)} uploading, "
+            f"{len(self.live_roots)} roots, bucket {self.cfg.s3.bucket}"
+        )
+
+    async def _watchdog_loop(self, period: float) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop hangs, systemd restarts us."""
+        while not self.stopping.is_set():
+            sdnotify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), period)
+
     async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
         """Stop taking work, give in-flight uploads ``drain_timeout``, leave the rest pending."""
+        sdnotify.notify("STOPPING=1")
         log.info("service.stopping", in_flight=len(self.busy), pending=len(self.journal.pending()))
         self._close_fifo()
         for loop in loops:

@@ -191,11 +191,12 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
-    def start(self, wait_ready: bool = True) -> Daemon:
+    def start(self, wait_ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.process = subprocess.Popen(
             [sys.executable, "-m", "nixcache.cli", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"), stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         Daemon.running.append(self)
         if wait_ready:
