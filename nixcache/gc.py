@@ -303,9 +303,12 @@ class Collector:
         return narinfos, nars
 
     async def _objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
-        top = await _listing(self.bucket, "", "/")
+        # The two listings are independent: run them side by side.
+        top, nar_listing = await asyncio.gather(
+            _listing(self.bucket, "", "/"), _listing(self.bucket, layout.NAR_PREFIX)
+        )
         narinfos = {h: o for o in top.values() if (h := layout.hash_of_narinfo_key(o.key))}
-        nars = {k: o for k, o in (await _listing(self.bucket, layout.NAR_PREFIX)).items() if layout.hash_of_nar_key(k)}
+        nars = {k: o for k, o in nar_listing.items() if layout.hash_of_nar_key(k)}
         return narinfos, nars
 
     async def collect(
