@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     residual.add_argument("--config", help=config_help)
     residual.add_argument("--older-than", default="7d", help="age, e.g. 7d, 12h (default 7d)")
     residual.add_argument("--dry-run", action="store_true", help="only print what would be deleted, with bytes")
+    verify = sub.add_parser("verify", help="check the bucket: narinfos, NARs, references, signatures, gcinfos")
+    verify.add_argument("--config", help=config_help)
+    verify.add_argument("--key", help="public key to check signatures with (default: the configured key's)")
     return p
 
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return _push(args.config, args.paths)
         if args.command in ("gc", "residual"):
             return _gc_command(args)
+        if args.command == "verify":
+            return _verify(args.config, args.key)
         return _roots_command(args)
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)
@@ -119,6 +124,19 @@ def _serve(config: str | None, embedded: str | None) -> int:
         return asyncio.run(Service(cfg, config_file).run())
     finally:
         weed.stop()
+
+
+def _verify(config: str | None, key: str | None) -> int:
+    from nixcache import verify
+    from nixcache.config import load_config
+
+    cfg, _ = load_config(config)
+    report, key_name = asyncio.run(verify.run(cfg, key))
+    for problem in report.problems:
+        print(problem)
+    signatures = f"signatures by {key_name}" if key_name else "signatures not checked (no key)"
+    print(f"{report.narinfos} narinfos, {report.gcinfos} live gcinfos, {signatures}: {len(report.problems)} problem(s)")
+    return 1 if report.problems else 0
 
 
 def _gc_command(args: argparse.Namespace) -> int:

@@ -124,9 +124,12 @@ def plan_collection(
                 plan.nars.append(key)
                 plan.bytes += nar.size
     # A trash gcinfo goes only once all its dead members are gone: one with a member kept for
-    # being young stays, so a later collection (after the grace period) still finds it.
+    # being young stays, so a later collection (after the grace period) still finds it. One
+    # whose twin is still in gcroots/ is being moved right now (dereference copies, then
+    # deletes): its members looked live only because of that twin, so it stays for next time.
     for key, g in sorted(trash.items()):
-        if not any(m.hash_part in kept for m in g.members):
+        twin = layout.ROOTS_PREFIX + key[len(layout.TRASH_PREFIX) :]
+        if not any(m.hash_part in kept for m in g.members) and twin not in live:
             plan.trash.append(key)
     return plan
 

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 from nixcache.errors import NixcacheError
@@ -62,7 +63,7 @@ def parse(data: bytes, what: str = "gcinfo") -> Gcinfo:
     """Parse a gcinfo (ours, or the original tool's hash-only lines); GcinfoError if corrupt."""
     try:
         text = gzip.decompress(data).decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise GcinfoError(f"{what}: not a complete gzip text file ({e})") from None
     root = ""
     members = []

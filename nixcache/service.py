@@ -263,20 +263,26 @@ class Service:
     async def _roots_loop(self, watcher: roots.Watcher) -> None:
         """Scan, publish, then wait for inotify (debounced) or the periodic rescan."""
         while not self.stopping.is_set():
-            scan = await asyncio.to_thread(self.scan_roots)
-            watcher.update(scan.dirs)
-            self._report(scan)
-            selected = roots.select(scan.roots, self.cfg.roots.include, self.cfg.roots.exclude)
-            self.live_roots, self.roots_complete = selected, not scan.unreadable
-            self.roots_scanned.set()
-            assert self.bucket is not None
-            with self.bucket.use() as uploader:
-                try:
-                    result = await self.publisher.publish(uploader, selected)
-                    self._log_cycle("roots.published", result, roots=len(selected))
-                except NixcacheError as e:
-                    log.warning("roots.publish_failed", error=str(e))
+            try:
+                await self._roots_round(watcher)
+            except Exception as e:  # a bug must not end publishing for good; next round retries
+                log.exception("roots.crashed", error=repr(e))
             await self._wait_for_change(watcher)
+
+    async def _roots_round(self, watcher: roots.Watcher) -> None:
+        scan = await asyncio.to_thread(self.scan_roots)
+        watcher.update(scan.dirs)
+        self._report(scan)
+        selected = roots.select(scan.roots, self.cfg.roots.include, self.cfg.roots.exclude)
+        self.live_roots, self.roots_complete = selected, not scan.unreadable
+        self.roots_scanned.set()
+        assert self.bucket is not None
+        with self.bucket.use() as uploader:
+            try:
+                result = await self.publisher.publish(uploader, selected)
+                self._log_cycle("roots.published", result, roots=len(selected))
+            except NixcacheError as e:
+                log.warning("roots.publish_failed", error=str(e))
 
     async def _wait_for_change(self, watcher: roots.Watcher) -> None:
         stop = asyncio.create_task(self.stopping.wait())
@@ -309,6 +315,8 @@ class Service:
                 self._log_cycle("dereference.done", result)
             except NixcacheError as e:
                 log.warning("dereference.failed", error=str(e))
+            except Exception as e:  # a bug: keep the daemon (and its uploads) running
+                log.exception("dereference.crashed", error=repr(e))
 
     async def _collect_loop(self) -> None:
         await self.roots_scanned.wait()  # our own roots are published before we judge others'
@@ -325,6 +333,9 @@ class Service:
                 result = await Collector(self.cfg, uploader.s3).collect(residual_age=self.cfg.gc.residual_age)
             except NixcacheError as e:  # e.g. a corrupt gcinfo: nothing was deleted
                 log.error("gc.aborted", error=str(e))
+                return
+            except Exception as e:  # a bug: keep the daemon (and its uploads) running
+                log.exception("gc.crashed", error=repr(e))
                 return
         plan = result.plan
         log.info(

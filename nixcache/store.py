@@ -90,11 +90,12 @@ async def _run(*args: str) -> bytes:
     return out
 
 
-async def closure(paths: list[str]) -> dict[str, PathInfo]:
+async def closure(paths: list[str], recursive: bool = True) -> dict[str, PathInfo]:
     """Path infos of the closure of ``paths`` (all must be valid), keyed by path."""
     if not paths:
         return {}
-    out = await _run("nix", *NIX_COMMAND, "path-info", "--json", "--recursive", "--", *paths)
+    flags = ["--recursive"] if recursive else []
+    out = await _run("nix", *NIX_COMMAND, "path-info", "--json", *flags, "--", *paths)
     try:
         entries = json.loads(out)
     except json.JSONDecodeError as e:

@@ -105,3 +105,14 @@ def test_residual_keeps_live_and_young_and_what_young_narinfos_name() -> None:
     assert residual.nars == [layout.nar_key(nh(2), "zstd"), layout.nar_key(nh(4), "zstd")]
     unsure = plan_residual({}, narinfos, nars, {h(3): None}, NOW, DAY)
     assert unsure.nars == [], "a narinfo that could not be read: no NAR is taken for residual"
+
+
+def test_a_trash_gcinfo_caught_mid_move_is_kept_for_the_next_run() -> None:
+    # Dereference copies gcroots/h/x to gctrash/h/x, then deletes gcroots/h/x. A collection
+    # listing in between sees both: nothing is dead, and the trash copy must survive.
+    narinfos, nars = objects(1)
+    both = {"gctrash/h/x": g(member(1))}, {"gcroots/h/x": g(member(1))}
+    plan = plan_collection(*both, narinfos, nars, NOW, DAY)
+    assert plan.objects() == []
+    after = plan_collection({"gctrash/h/x": g(member(1))}, {}, narinfos, nars, NOW, DAY)
+    assert after.trash == ["gctrash/h/x"] and after.narinfos == [f"{h(1)}.narinfo"]

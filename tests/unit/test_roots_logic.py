@@ -66,6 +66,7 @@ def test_gcinfo_render_is_deterministic_and_parses_back() -> None:
         gzip.compress(b"hello world\n"),
         gzip.compress(f"{H}.narinfo extra\n".encode()),
         gzip.compress(b"\xff\xfe\n"),
+        b"\x1f\x8b\x08 not really gzip",  # a gzip header, then garbage: zlib's own error
     ],
 )
 def test_corrupt_gcinfo_is_an_error(data: bytes) -> None:
