@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     residual.add_argument("--config", help=config_help)
     residual.add_argument("--older-than", default="7d", help="age, e.g. 7d, 12h (default 7d)")
     residual.add_argument("--dry-run", action="store_true", help="only print what would be deleted, with bytes")
+    status = sub.add_parser("status", help="ask the running daemon how it is doing (no S3 request)")
+    status.add_argument("--config", help=config_help)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     verify = sub.add_parser("verify", help="check the bucket: narinfos, NARs, references, signatures, gcinfos")
     verify.add_argument("--config", help=config_help)
     verify.add_argument("--key", help="public key to check signatures with (default: the configured key's)")
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             return _gc_command(args)
         if args.command == "verify":
             return _verify(args.config, args.key)
+        if args.command == "status":
+            from nixcache import statuscmd
+            from nixcache.config import load_config
+
+            print(statuscmd.status(load_config(args.config)[0], args.json))
+            return 0
         return _roots_command(args)
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)

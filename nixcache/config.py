@@ -104,6 +104,13 @@ class GcConfig(_Section):
     """If set, also delete residual objects older than this at each collection."""
 
 
+class MetricsConfig(_Section):
+    listen: str | None = Field(default=None, pattern=r"^(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}$")
+    """``127.0.0.1:PORT`` to serve Prometheus metrics on (loopback only), unset for none."""
+    textfile: Path | None = None
+    """A file rewritten every 15 s for node_exporter's textfile collector, unset for none."""
+
+
 class Config(_Section):
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     store_dir: str = defaults.STORE_DIR
@@ -117,6 +124,7 @@ class Config(_Section):
     upload: UploadConfig = UploadConfig()
     roots: RootsConfig = RootsConfig()
     gc: GcConfig = GcConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def roots_dirs(self) -> list[Path]:
         """Where GC roots are looked for, as Nix's collector does."""

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
     from nixcache.config import S3Config
 
+REQUESTS: Counter[str] = Counter()
+"""Every request this process made, by operation (status and metrics read it)."""
+
 _job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
 
 
@@ -106,6 +109,7 @@ class S3:
     def _count(self, event_name: str, **_: Any) -> None:
         op = event_name.rsplit(".", 1)[-1]
         self.requests[op] += 1
+        REQUESTS[op] += 1
         for job in _job_counters.get():
             job[op] += 1
 

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import stat
 import time
+from collections import Counter
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from nixcache import roots, sdnotify, store
+from nixcache import __version__, roots, sdnotify, store
 from nixcache.config import Config, load_config, load_signing_key
 from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
 from nixcache.gc import Collector
-from nixcache.journal import Journal
+from nixcache.journal import Journal, write_atomic
 from nixcache.logs import get
+from nixcache.metrics import Metrics
 from nixcache.publisher import CycleResult, Publisher
-from nixcache.s3 import S3
+from nixcache.s3 import REQUESTS, S3
 from nixcache.uploader import Uploader
 
 log = get("nixcache.service")
@@ -84,6 +87,11 @@ class Service:
         self.roots_scanned = asyncio.Event()
         self.roots_complete = False
         self._reported: set[str] = set()
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.errors: dict[str, str] = {}
+        self.cycles: dict[str, dict[str, Any]] = {}
+        """last/next time and summary of each periodic job, for `nixcache status`."""
 
     # ---- input: FIFO and spool -------------------------------------------------------------
 
@@ -222,6 +230,8 @@ class Service:
                 return
             except NixcacheError as e:
                 self.failed_at[path] = time.monotonic()
+                self.errors[path] = str(e)
+                self.metrics.upload_failures += 1
                 log.warning("push.failed", path=path, error=str(e), retry_in=self.cfg.upload.retry_interval)
                 return
             except Exception as e:  # a bug must not kill the worker; the path stays pending
@@ -229,7 +239,11 @@ class Service:
                 log.exception("push.crashed", path=path, error=repr(e))
                 return
         self.failed_at.pop(path, None)
+        self.errors.pop(path, None)
         self.journal.remove(path)
+        self.metrics.uploads += result.uploaded
+        self.metrics.nar_bytes += result.nar_bytes
+        self.metrics.compressed_bytes += result.file_bytes
         log.info(
             "push.done",
             path=path,
@@ -280,6 +294,7 @@ class Service:
         with self.bucket.use() as uploader:
             try:
                 result = await self.publisher.publish(uploader, selected)
+                self.metrics.roots_published += len(result.published)
                 self._log_cycle("roots.published", result, roots=len(selected))
             except NixcacheError as e:
                 log.warning("roots.publish_failed", error=str(e))
@@ -312,6 +327,9 @@ class Service:
         with self.bucket.use() as uploader:
             try:
                 result = await self.publisher.dereference(uploader.s3, self.live_roots)
+                self.metrics.gcinfos_trashed += len(result.moved)
+                self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
+                            requests=dict(result.requests))  # fmt: skip
                 self._log_cycle("dereference.done", result)
             except NixcacheError as e:
                 log.warning("dereference.failed", error=str(e))
@@ -332,12 +350,20 @@ class Service:
             try:
                 result = await Collector(self.cfg, uploader.s3).collect(residual_age=self.cfg.gc.residual_age)
             except NixcacheError as e:  # e.g. a corrupt gcinfo: nothing was deleted
+                self.metrics.gc_aborted += 1
+                self._cycle("collection", self.cfg.gc.collect_interval, aborted=str(e))
                 log.error("gc.aborted", error=str(e))
                 return
             except Exception as e:  # a bug: keep the daemon (and its uploads) running
                 log.exception("gc.crashed", error=repr(e))
                 return
         plan = result.plan
+        freed = plan.bytes + (result.residual.bytes if result.residual else 0)
+        self.metrics.gc_runs += 1
+        self.metrics.gc_deleted_objects += result.deleted
+        self.metrics.gc_deleted_bytes += freed if result.deleted else 0
+        self._cycle("collection", self.cfg.gc.collect_interval, skipped=result.skipped, dead_paths=plan.dead_paths,
+                    deleted=result.deleted, bytes=freed, requests=dict(result.requests))  # fmt: skip
         log.info(
             "gc.done",
             skipped=result.skipped,
@@ -351,6 +377,83 @@ class Service:
             requests=dict(result.requests),
             seconds=round(result.seconds, 3),
         )
+
+    def _cycle(self, job: str, interval: float, **summary: Any) -> None:
+        now = time.time()
+        self.cycles[job] = {"last": now, "next": now + interval, "summary": summary}
+
+    def refresh_gauges(self) -> Metrics:
+        self.metrics.queue_depth = self.queue.qsize()
+        self.metrics.pending_paths = len(self.journal.pending())
+        self.metrics.in_flight = len(self.busy)
+        self.metrics.requests = Counter(REQUESTS)
+        return self.metrics
+
+    def status(self) -> dict[str, Any]:
+        """What `nixcache status` shows: no S3 request needed."""
+        m = self.refresh_gauges()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "config_file": str(self.config_file) if self.config_file else None,
+            "bucket": self.cfg.s3.bucket,
+            "queue_depth": m.queue_depth,
+            "in_flight": m.in_flight,
+            "pending": m.pending_paths,
+            "uploaded": m.uploads,
+            "failures": dict(sorted(self.errors.items())),
+            "roots": len(self.live_roots),
+            "dereference": self.cycles.get("dereference"),
+            "collection": self.cycles.get("collection"),
+            "requests": dict(sorted(m.requests.items())),
+        }
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One command per connection on the control socket: `status` (JSON) or `metrics`."""
+        try:
+            command = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+            if command == "metrics":
+                writer.write(self.refresh_gauges().render().encode())
+            else:
+                writer.write(json.dumps(self.status()).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    async def _metrics_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            body = self.refresh_gauges().render().encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _metrics_textfile_loop(self, path: Path) -> None:
+        while not self.stopping.is_set():
+            try:
+                write_atomic(path, self.refresh_gauges().render().encode())
+            except OSError as e:
+                log.warning("metrics.textfile_failed", path=str(path), error=e.strerror)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 15)
+
+    async def _start_servers(self) -> list[asyncio.Server]:
+        servers = []
+        control = self.cfg.fifo.parent / "control.sock"
+        control.unlink(missing_ok=True)
+        servers.append(await asyncio.start_unix_server(self._control, path=str(control)))
+        os.chmod(control, 0o660)
+        if self.cfg.metrics.listen:
+            host, _, port = self.cfg.metrics.listen.rpartition(":")
+            servers.append(await asyncio.start_server(self._metrics_http, host or "127.0.0.1", int(port)))
+        return servers
 
     @staticmethod
     def _log_cycle(event: str, result: CycleResult, **extra: object) -> None:
@@ -402,6 +505,7 @@ class Service:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         self._open_fifo()
+        servers = await self._start_servers()
         self.import_spool()
         for path in self.journal.pending():
             self._enqueue(path)
@@ -417,12 +521,16 @@ class Service:
         ]
         # Ready only once the FIFO is open and the roots are scanned and watched.
         await self.roots_scanned.wait()
+        if self.cfg.metrics.textfile is not None:
+            loops.append(asyncio.create_task(self._metrics_textfile_loop(self.cfg.metrics.textfile)))
         if (period := sdnotify.watchdog_period()) is not None:
             loops.append(asyncio.create_task(self._watchdog_loop(period), name="watchdog"))
         sdnotify.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
                  workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip
         await self.stopping.wait()
+        for server in servers:
+            server.close()
         watcher.close()
         await self._drain(loops)
         return 0

@@ -1,0 +1,60 @@
+"""`nixcache status`: ask the running daemon over its control socket (no S3 request)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from nixcache.config import Config
+from nixcache.errors import NixcacheError
+
+
+def query(cfg: Config, command: str = "status") -> str:
+    path = cfg.fifo.parent / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while data := sock.recv(65536):
+                chunks.append(data)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NixcacheError(f"the daemon is not running (no control socket at {path})") from None
+    except OSError as e:
+        raise NixcacheError(f"cannot ask the daemon at {path}: {e.strerror or e}") from None
+    return b"".join(chunks).decode()
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    delta = t - time.time()
+    return f"in {delta:.0f}s" if delta >= 0 else f"{-delta:.0f}s ago"
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [
+        f"nixcache {status['version']} (pid {status['pid']}), up {status['uptime_seconds']:.0f}s, "
+        f"config {status['config_file']}, bucket {status['bucket']}",
+        f"uploads: {status['uploaded']} done, {status['in_flight']} in flight, {status['queue_depth']} queued, "
+        f"{status['pending']} pending in the journal, {len(status['failures'])} failing",
+    ]
+    lines += [f"  failing: {path}: {error}" for path, error in status["failures"].items()]
+    lines.append(f"roots: {status['roots']} local roots published")
+    for job in ("dereference", "collection"):
+        cycle = status.get(job)
+        if cycle:
+            lines.append(f"{job}: last {_when(cycle['last'])}, next {_when(cycle['next'])}: {cycle['summary']}")
+        else:
+            lines.append(f"{job}: not run yet")
+    requests = ", ".join(f"{k} {v}" for k, v in status["requests"].items()) or "none"
+    lines.append(f"S3 requests since start: {requests}")
+    return "\n".join(lines)
+
+
+def status(cfg: Config, as_json: bool) -> str:
+    data = json.loads(query(cfg))
+    return json.dumps(data, indent=2) if as_json else render(data)
