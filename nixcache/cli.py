@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     residual.add_argument("--config", help=config_help)
     residual.add_argument("--older-than", default="7d", help="age, e.g. 7d, 12h (default 7d)")
     residual.add_argument("--dry-run", action="store_true", help="only print what would be deleted, with bytes")
+    du = sub.add_parser("du", help="bucket size per host and root: shared, exclusive, trash, residual")
+    du.add_argument("--config", help=config_help)
+    du.add_argument("--host", help="only this host's roots")
+    du.add_argument("--json", action="store_true", help="machine-readable output")
     status = sub.add_parser("status", help="ask the running daemon how it is doing (no S3 request)")
     status.add_argument("--config", help=config_help)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gc_command(args)
         if args.command == "verify":
             return _verify(args.config, args.key)
+        if args.command == "du":
+            return _du(args)
         if args.command == "status":
             from nixcache import statuscmd
             from nixcache.config import load_config
@@ -133,6 +139,39 @@ def _serve(config: str | None, embedded: str | None) -> int:
         return asyncio.run(Service(cfg, config_file).run())
     finally:
         weed.stop()
+
+
+def _du(args: argparse.Namespace) -> int:
+    import json
+
+    from nixcache import du
+    from nixcache.config import load_config
+    from nixcache.gc import Collector
+    from nixcache.s3 import S3
+
+    cfg, _ = load_config(args.config)
+
+    async def run() -> du.Usage:
+        async with S3(cfg.s3) as bucket:
+            return await du.measure(Collector(cfg, bucket), args.host)
+
+    usage = asyncio.run(run())
+    if args.json:
+        print(json.dumps(usage.as_dict(), indent=2))
+        return 0
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:10.2f} MB"
+
+    print(f"{'bytes':>13} {'exclusive':>13} {'shared':>13}  root")
+    for r in usage.roots:
+        print(f"{mb(r.bytes)} {mb(r.exclusive)} {mb(r.shared)}  {r.key} ({r.paths} paths)")
+    for host, h in usage.hosts.items():
+        print(f"{mb(h['bytes'])} {mb(h['exclusive'])} {'':>13}  host {host} ({h['roots']} roots)")
+    print(f"{mb(usage.trash)}  in the trash (freed by the next collection)")
+    print(f"{mb(usage.residual)}  residual (no gcinfo accounts for it)")
+    print(f"{mb(usage.total)}  total in the bucket")
+    return 0
 
 
 def _verify(config: str | None, key: str | None) -> int:

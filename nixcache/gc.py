@@ -104,6 +104,7 @@ def plan_collection(
             if m.nar_hash:
                 protected_nars.add(m.nar_hash)
     plan.kept_young = len(kept)
+    planned_nars: set[str] = set()
 
     for h, m in sorted(dead.items()):
         if h in kept:
@@ -120,7 +121,8 @@ def plan_collection(
             continue
         for key in layout.nar_candidates(m.nar_hash):
             nar = nars.get(key)
-            if nar is not None:
+            if nar is not None and key not in planned_nars:  # dead paths may share a NAR
+                planned_nars.add(key)
                 plan.nars.append(key)
                 plan.bytes += nar.size
     # A trash gcinfo goes only once all its dead members are gone: one with a member kept for

@@ -286,3 +286,26 @@ def test_the_daemon_collects_on_its_schedule(tmp_path: Path, bucket: Bucket, sig
     idle = daemon.wait_event("gc.done", 20, count=2)[1]
     assert idle["requests"] == {"ListObjectsV2": 1}, "an empty trash costs one LIST"
     assert daemon.stop() == 0
+
+
+def test_du_exclusive_bytes_are_what_a_collection_then_frees(
+    tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
+) -> None:
+    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key)
+    report = json.loads(alpha.run("du", "--json").stdout)
+    roots = {r["key"]: r for r in report["roots"]}
+    key_two = f"gcroots/beta/{gcinfo_name(two)}"
+    assert set(roots) == {f"gcroots/alpha/{gcinfo_name(one)}", key_two}
+    assert roots[key_two]["paths"] == 3 and 0 < roots[key_two]["exclusive"] < roots[key_two]["bytes"]
+    assert report["trash"] == 0 and report["residual"] == 0
+    assert report["total"] == sum(o["Size"] for o in bucket.client.list_objects_v2(Bucket=bucket.name)["Contents"]
+                                  if not o["Key"].startswith(("gcroots/", "nix-cache-info")))  # fmt: skip
+    assert set(json.loads(alpha.run("du", "--json", "--host", "beta").stdout)["hosts"]) == {"beta"}
+    human = alpha.run("du").stdout
+    assert "host alpha (1 roots)" in human and "in the trash" in human
+
+    beta.unroot("two")
+    beta.run("dereference")
+    assert json.loads(alpha.run("du", "--json").stdout)["trash"] == roots[key_two]["exclusive"]
+    out = alpha.run("gc").stdout
+    assert f"({roots[key_two]['exclusive']} bytes)" in out, out

@@ -116,3 +116,9 @@ def test_a_trash_gcinfo_caught_mid_move_is_kept_for_the_next_run() -> None:
     assert plan.objects() == []
     after = plan_collection({"gctrash/h/x": g(member(1))}, {}, narinfos, nars, NOW, DAY)
     assert after.trash == ["gctrash/h/x"] and after.narinfos == [f"{h(1)}.narinfo"]
+
+
+def test_two_dead_paths_sharing_a_nar_delete_and_count_it_once() -> None:
+    narinfos, nars = objects(1, 2, nar_of={1: 9, 2: 9})
+    plan = plan_collection({"gctrash/t": g(member(1, nar=9), member(2, nar=9))}, {}, narinfos, nars, NOW, DAY)
+    assert plan.nars == [layout.nar_key(nh(9), "zstd")] and plan.bytes == 10 + 10 + 1000
