@@ -147,15 +147,20 @@ def _du(args: argparse.Namespace) -> int:
     from nixcache import du
     from nixcache.config import load_config
     from nixcache.gc import Collector
+    from nixcache.progress import Progress
     from nixcache.s3 import S3
 
     cfg, _ = load_config(args.config)
 
     async def run() -> du.Usage:
         async with S3(cfg.s3) as bucket:
-            return await du.measure(Collector(cfg, bucket), args.host)
+            return await du.measure(Collector(cfg, bucket, progress), args.host)
 
-    usage = asyncio.run(run())
+    progress = Progress()
+    try:
+        usage = asyncio.run(run())
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(usage.as_dict(), indent=2))
         return 0
@@ -251,7 +256,7 @@ def _push(config: str | None, paths: list[str]) -> int:
 
     cfg, _ = load_config(config)
     resolved = [os.path.realpath(p) for p in paths]
-    return asyncio.run(push(cfg, resolved, tty=sys.stderr.isatty()))
+    return asyncio.run(push(cfg, resolved))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,9 +22,12 @@ from nixcache import layout, s3
 from nixcache.config import Config
 from nixcache.gcinfo import Gcinfo, GcinfoError, Member, parse
 from nixcache.logs import get
+from nixcache.progress import silent
 from nixcache.uploader import LIST_COST_IN_HEADS
 
 log = get("nixcache.gc")
+
+ProgressFn = Callable[..., None]  # (text, done=0, total=0)
 
 
 @dataclass(frozen=True)
@@ -272,13 +275,18 @@ async def _listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> 
 
 
 class Collector:
-    def __init__(self, cfg: Config, bucket: s3.S3) -> None:
+    def __init__(self, cfg: Config, bucket: s3.S3, progress: ProgressFn = silent) -> None:
         self.cfg = cfg
         self.bucket = bucket
         self.cache = GcinfoCache(cfg.state_dir / "gcinfo-cache")
+        self.progress = progress
 
     async def _read_all(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
-        return {key: await self.cache.read(self.bucket, obj) for key, obj in sorted(objs.items())}
+        out = {}
+        for n, (key, obj) in enumerate(sorted(objs.items()), 1):
+            out[key] = await self.cache.read(self.bucket, obj)
+            self.progress("reading gcinfos", n, len(objs))
+        return out
 
     async def _heads(self, dead: dict[str, Member]) -> tuple[dict[str, Obj], dict[str, Obj]]:
         """The dead paths' narinfos and NARs, one HEAD each (16 at a time); a NAR's
@@ -308,6 +316,7 @@ class Collector:
         return narinfos, nars
 
     async def _objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
+        self.progress("listing narinfos and NARs")
         # The two listings are independent: run them side by side.
         top, nar_listing = await asyncio.gather(
             _listing(self.bucket, "", "/"), _listing(self.bucket, layout.NAR_PREFIX)
@@ -416,4 +425,5 @@ class Collector:
                 batch = keys[start : start + 1000]
                 await self.bucket.delete_many(batch)
                 result.deleted += len(batch)
+                self.progress(f"deleting {phase}", start + len(batch), len(keys))
                 log.info("gc.deleted_batch", phase=phase, objects=len(batch), deleted=result.deleted)

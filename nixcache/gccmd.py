@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from nixcache.config import Config
 from nixcache.gc import Collector, GcResult
+from nixcache.progress import Progress
 from nixcache.s3 import S3
 
 
 async def collect(cfg: Config, dry_run: bool, residual_age: float | None, trash: bool) -> GcResult:
-    async with S3(cfg.s3) as bucket:
-        return await Collector(cfg, bucket).collect(dry_run=dry_run, residual_age=residual_age, trash=trash)
+    progress = Progress()
+    try:
+        async with S3(cfg.s3) as bucket:
+            collector = Collector(cfg, bucket, progress)
+            return await collector.collect(dry_run=dry_run, residual_age=residual_age, trash=trash)
+    finally:
+        progress.close()
 
 
 def report(result: GcResult, dry_run: bool) -> str:

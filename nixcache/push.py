@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-import sys
-
 from nixcache import store
 from nixcache.config import Config, load_signing_key
+from nixcache.progress import Progress
 from nixcache.s3 import S3
 from nixcache.store import PathInfo
 from nixcache.uploader import Uploader
 
 
-async def push(cfg: Config, paths: list[str], tty: bool) -> int:
+async def push(cfg: Config, paths: list[str]) -> int:
     roots = [store.parse_store_path(p, cfg.store_dir) for p in paths]
     key = load_signing_key(cfg)
     async with S3(cfg.s3) as s3:
         uploader = Uploader(cfg, s3, key)
         done = {"paths": 0, "bytes": 0}
+        bar = Progress()
 
         def progress(info: PathInfo, file_bytes: int) -> None:
             done["paths"] += 1
             done["bytes"] += file_bytes
-            if tty:
-                print(f"\r  uploaded {done['paths']} paths, {done['bytes'] / 1e6:.1f} MB ",
-                      end="", file=sys.stderr, flush=True)  # fmt: skip
+            bar(f"uploaded {done['paths']} paths, {done['bytes'] / 1e6:.1f} MB")
 
         uploader.on_progress = progress
-        result = await uploader.push(roots)
-    if tty:
-        print(file=sys.stderr)
+        try:
+            result = await uploader.push(roots)
+        finally:
+            bar.close()
     requests = ", ".join(f"{k} {v}" for k, v in sorted(result.requests.items())) or "none"
     print(
         f"pushed {len(roots)} root(s): closure {result.closure} paths, {result.upstream} upstream, "
