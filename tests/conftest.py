@@ -29,16 +29,32 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.stop()
 
 
+def _drop(bucket: Bucket) -> None:
+    """Delete the bucket and everything in it: SeaweedFS then frees the bucket's volumes,
+    which a long test session would otherwise exhaust ("No writable volumes")."""
+    client = bucket.client
+    try:
+        for key in bucket.keys():
+            client.delete_object(Bucket=bucket.name, Key=key)
+        client.delete_bucket(Bucket=bucket.name)
+    except Exception:  # the server may already be gone (a test that stopped it)
+        pass
+
+
 @pytest.fixture(params=["seaweedfs", "moto"])
-def any_bucket(request: pytest.FixtureRequest) -> Bucket:
+def any_bucket(request: pytest.FixtureRequest) -> Iterator[Bucket]:
     """A fresh bucket on each real S3 implementation."""
     server = request.getfixturevalue(request.param)
-    return new_bucket(server.endpoint, public_read_policy=request.param == "moto")
+    b = new_bucket(server.endpoint, public_read_policy=request.param == "moto")
+    yield b
+    _drop(b)
 
 
 @pytest.fixture
-def bucket(seaweedfs: SeaweedFS) -> Bucket:
-    return new_bucket(seaweedfs.endpoint)
+def bucket(seaweedfs: SeaweedFS) -> Iterator[Bucket]:
+    b = new_bucket(seaweedfs.endpoint)
+    yield b
+    _drop(b)
 
 
 @pytest.fixture(scope="session")
