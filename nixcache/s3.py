@@ -134,16 +134,8 @@ class S3:
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
-        try:
-            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
-            async with resp["Body"] as body:
-                return await body.read()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise _describe(e, self.bucket, key) from None
-        except BotoCoreError as e:
-            raise _describe(e, self.bucket, key) from None
+        got = await self.get_with_etag(key)
+        return got[0] if got is not None else None
 
     async def put(
         self,

@@ -11,7 +11,7 @@ import signal
 import stat
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,8 @@ class Service:
 
     async def _refill_loop(self) -> None:
         """Import spooled paths and enqueue pending ones (failed ones after retry_interval)."""
-        while not self.stopping.is_set():
+
+        async def job() -> None:
             try:
                 self.import_spool()
                 now = time.monotonic()
@@ -201,8 +202,8 @@ class Service:
                         self._enqueue(path)
             except OSError as e:
                 log.error("journal.error", error=str(e))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.cfg.upload.spool_interval)
+
+        await self._every(lambda: self.cfg.upload.spool_interval, job)
 
     # ---- work ------------------------------------------------------------------------------
 
@@ -311,13 +312,22 @@ class Service:
             watcher.changed.clear()
             await asyncio.sleep(self.cfg.roots.debounce)
 
+    async def _every(self, interval: Callable[[], float], job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` now and then every ``interval()`` seconds (read each time: a reload
+        may change it) until SIGTERM."""
+        while not self.stopping.is_set():
+            await job()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval())
+
     async def _dereference_loop(self) -> None:
         await self.roots_scanned.wait()
-        while not self.stopping.is_set():
+
+        async def job() -> None:
             if self.cfg.gc.dereference:
                 await self.dereference_now()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.cfg.gc.dereference_interval)
+
+        await self._every(lambda: self.cfg.gc.dereference_interval, job)
 
     async def dereference_now(self) -> None:
         if not self.roots_complete:
@@ -338,11 +348,12 @@ class Service:
 
     async def _collect_loop(self) -> None:
         await self.roots_scanned.wait()  # our own roots are published before we judge others'
-        while not self.stopping.is_set():
+
+        async def job() -> None:
             if self.cfg.gc.collect:
                 await self.collect_now()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.cfg.gc.collect_interval)
+
+        await self._every(lambda: self.cfg.gc.collect_interval, job)
 
     async def collect_now(self) -> None:
         assert self.bucket is not None
@@ -436,13 +447,13 @@ class Service:
             writer.close()
 
     async def _metrics_textfile_loop(self, path: Path) -> None:
-        while not self.stopping.is_set():
+        async def job() -> None:
             try:
                 write_atomic(path, self.refresh_gauges().render().encode())
             except OSError as e:
                 log.warning("metrics.textfile_failed", path=str(path), error=e.strerror)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), 15)
+
+        await self._every(lambda: 15.0, job)
 
     async def _start_servers(self) -> list[asyncio.Server]:
         servers = []
@@ -543,10 +554,11 @@ class Service:
 
     async def _watchdog_loop(self, period: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop hangs, systemd restarts us."""
-        while not self.stopping.is_set():
+
+        async def job() -> None:
             sdnotify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), period)
+
+        await self._every(lambda: period, job)
 
     async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
         """Stop taking work, give in-flight uploads ``drain_timeout``, leave the rest pending."""

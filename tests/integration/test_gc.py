@@ -62,6 +62,14 @@ class Host:
         return write_config(self.dir / f"variant-{uuid.uuid4().hex[:6]}.toml", settings)
 
 
+def slow_link(bucket: Bucket, delay_ms: int) -> tuple[int, subprocess.Popen[bytes]]:
+    """A loopback proxy to the bucket's server adding ``delay_ms`` to every request."""
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(PROXY), str(port), bucket.endpoint.rsplit(":", 1)[1], str(delay_ms)])
+    time.sleep(0.5)
+    return port, proxy
+
+
 def narinfos(bucket: Bucket) -> set[str]:
     return {k.removesuffix(".narinfo") for k in bucket.keys() if k.endswith(".narinfo")}
 
@@ -146,10 +154,8 @@ def test_lease_one_collector_at_a_time_and_stale_leases_expire(
 
     # Two collectors at once: alpha's goes through a slow link (200 ms per request), so it
     # still holds the lease when beta's starts.
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(PROXY), str(port), bucket.endpoint.rsplit(":", 1)[1], "200"])
+    port, proxy = slow_link(bucket, 200)
     try:
-        time.sleep(0.5)
         slow = subprocess.Popen(
             [sys.executable, "-m", "nixcache.cli", "gc", "--config", str(alpha.variant(f"http://127.0.0.1:{port}"))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -183,11 +189,9 @@ def test_kill9_while_deleting_then_the_next_run_completes(
     alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key)
     beta.unroot("two")
     beta.run("dereference")
-    port = free_port()
-    proxy = subprocess.Popen([sys.executable, str(PROXY), str(port), bucket.endpoint.rsplit(":", 1)[1], "300"])
+    port, proxy = slow_link(bucket, 300)
     log = tmp_path / "gc.log"
     try:
-        time.sleep(0.5)
         with log.open("w") as err:
             gc = subprocess.Popen(
                 [sys.executable, "-m", "nixcache.cli", "gc", "--config",
