@@ -84,12 +84,18 @@ def two_hosts(tmp: Path, bucket: Bucket, key: tuple[Path, str], **gc: Any) -> tu
     return alpha, beta, one, two, shared
 
 
+def beta_drops_two(tmp: Path, bucket: Bucket, key: tuple[Path, str], **gc: Any) -> tuple[Host, Host, str, str, str]:
+    """Both hosts publish their root, then beta drops its one and dereferences it."""
+    alpha, beta, one, two, shared = two_hosts(tmp, bucket, key, **gc)
+    beta.unroot("two")
+    beta.run("dereference")
+    return alpha, beta, one, two, shared
+
+
 def test_only_paths_no_live_root_uses_are_deleted_and_the_rest_substitutes(
     tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
 ) -> None:
-    alpha, beta, one, two, shared = two_hosts(tmp_path, bucket, signing_key)
-    beta.unroot("two")
-    beta.run("dereference")
+    alpha, _beta, one, two, shared = beta_drops_two(tmp_path, bucket, signing_key)
     before = set(bucket.keys())
     out = alpha.run("gc").stdout
     only_two = {hash_part(p) for p in closure_of(two)} - {hash_part(p) for p in closure_of(one)}
@@ -133,9 +139,7 @@ def test_a_nar_shared_with_a_live_path_survives(tmp_path: Path, bucket: Bucket, 
 
 
 def test_grace_period_protects_recent_uploads(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
-    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key, grace_period="1d")
-    beta.unroot("two")
-    beta.run("dereference")
+    alpha, _beta, one, two, _ = beta_drops_two(tmp_path, bucket, signing_key, grace_period="1d")
     before = set(bucket.keys())
     out = alpha.run("gc").stdout
     assert "2 kept as younger than the grace period" in out
@@ -148,9 +152,7 @@ def test_grace_period_protects_recent_uploads(tmp_path: Path, bucket: Bucket, si
 def test_lease_one_collector_at_a_time_and_stale_leases_expire(
     tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
 ) -> None:
-    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key)
-    beta.unroot("two")
-    beta.run("dereference")
+    alpha, beta, one, two, _ = beta_drops_two(tmp_path, bucket, signing_key)
 
     # Two collectors at once: alpha's goes through a slow link (200 ms per request), so it
     # still holds the lease when beta's starts.
@@ -186,9 +188,7 @@ def test_lease_one_collector_at_a_time_and_stale_leases_expire(
 def test_kill9_while_deleting_then_the_next_run_completes(
     tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
 ) -> None:
-    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key)
-    beta.unroot("two")
-    beta.run("dereference")
+    alpha, _beta, one, two, _ = beta_drops_two(tmp_path, bucket, signing_key)
     port, proxy = slow_link(bucket, 300)
     log = tmp_path / "gc.log"
     try:
@@ -281,9 +281,7 @@ def test_residual_deletes_only_what_no_live_root_accounts_for(
 def test_the_daemon_collects_on_its_schedule(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
     from tests.harness import Daemon
 
-    alpha, beta, one, two, _ = two_hosts(tmp_path, bucket, signing_key, collect_interval=1)
-    beta.unroot("two")
-    beta.run("dereference")
+    alpha, _beta, one, two, _ = beta_drops_two(tmp_path, bucket, signing_key, collect_interval=1)
     daemon = Daemon(alpha.config, tmp_path / "daemon.log").start()
     done = daemon.wait_event("gc.done", 20)
     assert not bucket.has_narinfo(two) and bucket.has_narinfo(one)
