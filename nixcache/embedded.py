@@ -38,8 +38,12 @@ def prepare(state_dir: Path) -> tuple[Config, Path, SeaweedFS]:
         key_file.chmod(0o600)
         (state_dir / "signing.pub").write_text(str(key.public) + "\n")
     config = state_dir / "config.toml"
+    (state_dir / "gcroots").mkdir(exist_ok=True)
+    # Trying it out must not publish (and push) every GC root of the machine: only the links
+    # put in <state_dir>/gcroots count.
     config.write_text(
         f'state_dir = "{state_dir}"\nfifo = "{state_dir / "hook.fifo"}"\n'
+        f'gcroots_dir = "{state_dir / "gcroots"}"\nprofiles_dir = ""\n'
         f'[s3]\nbucket = "{BUCKET}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
         f'[signing]\nsecret_key_file = "{key_file}"\n'
     )
