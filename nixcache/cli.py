@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nixcache: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. state_dir or the FIFO's directory not writable
-        print(f"nixcache: {e.strerror}: {e.filename}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nixcache: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -200,8 +201,11 @@ def _gc_command(args: argparse.Namespace) -> int:
     if args.command == "gc":
         result = asyncio.run(gccmd.collect(cfg, args.dry_run, residual_age=None, trash=True))
     else:
-        age = parse_duration(args.older_than)
-        assert isinstance(age, float)
+        try:
+            age = float(parse_duration(args.older_than))  # type: ignore[arg-type]
+        except ValueError as e:
+            print(f"nixcache: --older-than: {e}", file=sys.stderr)
+            return 2
         result = asyncio.run(gccmd.collect(cfg, args.dry_run, residual_age=age, trash=False))
     print(gccmd.report(result, args.dry_run))
     return 0

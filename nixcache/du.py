@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nixcache import layout
-from nixcache.gc import Collector, Obj, _listing, plan_collection
+from nixcache.gc import Collector, Obj, gcinfo_listing, plan_collection
 from nixcache.gcinfo import Gcinfo, Member
 
 
@@ -97,10 +97,10 @@ def usage(live: dict[str, Gcinfo], trash: dict[str, Gcinfo], narinfos: dict[str,
 
 async def measure(collector: Collector, host: str | None) -> Usage:
     bucket = collector.bucket
-    roots = {k: o for k, o in (await _listing(bucket, layout.ROOTS_PREFIX)).items() if k.endswith(layout.GCINFO_SUFFIX)}
-    trash = {k: o for k, o in (await _listing(bucket, layout.TRASH_PREFIX)).items() if k.endswith(layout.GCINFO_SUFFIX)}
-    live, dead = await collector._read_all(roots), await collector._read_all(trash)
-    narinfos, nars = await collector._objects()
+    roots = await gcinfo_listing(bucket, layout.ROOTS_PREFIX)
+    trash = await gcinfo_listing(bucket, layout.TRASH_PREFIX)
+    live, dead = await collector.read_gcinfos(roots), await collector.read_gcinfos(trash)
+    narinfos, nars = await collector.bucket_objects()
     u = usage(live, dead, narinfos, nars)
     if host is not None:
         u.roots = [r for r in u.roots if r.host == host]

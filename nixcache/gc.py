@@ -270,8 +270,14 @@ class GcResult:
     seconds: float = 0.0
 
 
-async def _listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> dict[str, Obj]:
+async def listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> dict[str, Obj]:
+    """Every object under ``prefix``, by key."""
     return {o.key: o for o in [Obj.from_listing(e) async for e in bucket.list_keys(prefix, delimiter)]}
+
+
+async def gcinfo_listing(bucket: s3.S3, prefix: str) -> dict[str, Obj]:
+    """The gcinfos under ``prefix`` (``gcroots/`` or ``gctrash/``, every host), by key."""
+    return {k: o for k, o in (await listing(bucket, prefix)).items() if k.endswith(layout.GCINFO_SUFFIX)}
 
 
 class Collector:
@@ -281,7 +287,7 @@ class Collector:
         self.cache = GcinfoCache(cfg.state_dir / "gcinfo-cache")
         self.progress = progress
 
-    async def _read_all(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
+    async def read_gcinfos(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
         out = {}
         for n, (key, obj) in enumerate(sorted(objs.items()), 1):
             out[key] = await self.cache.read(self.bucket, obj)
@@ -315,12 +321,10 @@ class Collector:
         await asyncio.gather(*(one(h, m) for h, m in dead.items()))
         return narinfos, nars
 
-    async def _objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
+    async def bucket_objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
         self.progress("listing narinfos and NARs")
         # The two listings are independent: run them side by side.
-        top, nar_listing = await asyncio.gather(
-            _listing(self.bucket, "", "/"), _listing(self.bucket, layout.NAR_PREFIX)
-        )
+        top, nar_listing = await asyncio.gather(listing(self.bucket, "", "/"), listing(self.bucket, layout.NAR_PREFIX))
         narinfos = {h: o for o in top.values() if (h := layout.hash_of_narinfo_key(o.key))}
         nars = {k: o for k, o in nar_listing.items() if layout.hash_of_nar_key(k)}
         return narinfos, nars
@@ -337,10 +341,7 @@ class Collector:
         started = time.monotonic()
         result = GcResult()
         with s3.job_requests() as counter:
-            trash_objs = {}
-            if trash:
-                listed = await _listing(self.bucket, layout.TRASH_PREFIX)
-                trash_objs = {k: o for k, o in listed.items() if k.endswith(layout.GCINFO_SUFFIX)}
+            trash_objs = await gcinfo_listing(self.bucket, layout.TRASH_PREFIX) if trash else {}
             if trash_objs or residual_age is not None:  # an empty trash costs that one LIST
                 await self._collect(trash_objs, dry_run, holder, residual_age, result)
             result.requests = counter
@@ -365,12 +366,9 @@ class Collector:
                 return
             lease = got
         try:
-            live_objs = {
-                k: o for k, o in (await _listing(self.bucket, layout.ROOTS_PREFIX)).items()
-                if k.endswith(layout.GCINFO_SUFFIX)
-            }  # fmt: skip
-            trash = await self._read_all(trash_objs)
-            live = await self._read_all(live_objs)
+            live_objs = await gcinfo_listing(self.bucket, layout.ROOTS_PREFIX)
+            trash = await self.read_gcinfos(trash_objs)
+            live = await self.read_gcinfos(live_objs)
             result.gcinfos_read = self.cache.downloads
             result.gcinfos_cached = self.cache.hits
             known = len({m.hash_part for g in (*trash.values(), *live.values()) for m in g.members})
@@ -378,7 +376,7 @@ class Collector:
             if residual_age is None and use_heads(len(dead), known):
                 narinfos, nars = await self._heads(dead)
             else:
-                narinfos, nars = await self._objects()
+                narinfos, nars = await self.bucket_objects()
             now = time.time()
             result.plan = plan_collection(trash, live, narinfos, nars, now, self.cfg.gc.grace_period)
             if residual_age is not None:

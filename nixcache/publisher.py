@@ -56,14 +56,6 @@ class CycleResult:
     seconds: float = 0.0
 
 
-@dataclass
-class Entry:
-    """What this host's folder holds for one gcinfo (from a LIST or our own PUT)."""
-
-    key: str
-    etag: str
-
-
 class Publisher:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

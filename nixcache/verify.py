@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from nixcache import layout, s3, store
 from nixcache.config import Config, load_signing_key
 from nixcache.errors import NixcacheError
-from nixcache.gc import Obj, _listing
+from nixcache.gc import Obj, gcinfo_listing, listing
 from nixcache.gcinfo import GcinfoError, parse
 from nixcache.narinfo import NarInfo, NarInfoError
 from nixcache.signing import PublicKey
@@ -57,7 +57,7 @@ async def verify(bucket: s3.S3, public: PublicKey | None, upstream_of: UpstreamC
     names) are upstream paths, which a cache rightly does not hold."""
     report = Report()
     top, nars, roots = await asyncio.gather(
-        _listing(bucket, "", "/"), _listing(bucket, layout.NAR_PREFIX), _listing(bucket, layout.ROOTS_PREFIX)
+        listing(bucket, "", "/"), listing(bucket, layout.NAR_PREFIX), gcinfo_listing(bucket, layout.ROOTS_PREFIX)
     )
     narinfo_keys = sorted(k for k in top if layout.hash_of_narinfo_key(k))
     hashes = {k.removesuffix(".narinfo") for k in narinfo_keys}
@@ -78,7 +78,7 @@ async def verify(bucket: s3.S3, public: PublicKey | None, upstream_of: UpstreamC
         report.problems += problems
         report.problems += [f"{key}: reference {ref} is not in the bucket" for ref in missing if ref not in upstream]
     report.narinfos = len(narinfo_keys)
-    for key in sorted(k for k in roots if k.endswith(layout.GCINFO_SUFFIX)):
+    for key in sorted(roots):
         report.gcinfos += 1
         data = await bucket.get(key)
         try:

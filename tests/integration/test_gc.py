@@ -268,6 +268,8 @@ def test_residual_deletes_only_what_no_live_root_accounts_for(
     stray = subprocess.run(["nix-store", "--add", str(tmp_path / "stray")], check=True, capture_output=True,
                            text=True).stdout.strip()  # fmt: skip
     alpha.run("push", stray)
+    bad = run_cli(alpha.config, "residual", "--older-than", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
     assert alpha.run("residual", "--older-than", "1h", "--dry-run").stdout.startswith("would delete 0 objects")
     dry = alpha.run("residual", "--older-than", "0s", "--dry-run").stdout
     assert f"would delete {hash_part(stray)}.narinfo (residual)" in dry and bucket.has_narinfo(stray)

@@ -95,7 +95,8 @@ def test_daemon_down_hook_spools_and_upload_follows(
     assert spooled, "the hook should have spooled the paths"
 
     # The hook itself returns fast with the daemon down (FIFO present, nobody reading).
-    os.mkfifo(tmp_path / "run" / "hook.fifo") if (tmp_path / "run").exists() else None
+    (tmp_path / "run").mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / "run" / "hook.fifo")
     env = {**os.environ, "NIXCACHE_CONFIG": str(config), "OUT_PATHS": closure[0], "DRV_PATH": ""}
     started = time.monotonic()
     rc = subprocess.run([str(HOOK)], env=env, timeout=5).returncode
