@@ -6,11 +6,16 @@ removed only after the path's closure is in the bucket. Plus the hook's spool fi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from nixcache import defaults
+
+STALE_SPOOL_TMP = 300.0
+"""Seconds after which a hook's unfinished spool file (a dot file) is taken as abandoned."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,6 +43,10 @@ class Journal:
         self.spool_dir = Path(defaults.spool_dir(str(state_dir)))
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # A crash (kill -9) in the middle of `write_atomic` leaves its temporary file behind;
+        # the entry it was writing never existed. Only this process writes here: clear them.
+        for tmp in self.pending_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def _entry(self, store_path: str) -> Path:
         return self.pending_dir / store_path.rsplit("/", 1)[-1]
@@ -69,6 +78,11 @@ class Journal:
         """Feed every line of every complete spool file to ``accept`` (which journals it),
         then delete the file. A crash in between only repeats paths. Returns the line count."""
         n = 0
+        stale = time.time() - STALE_SPOOL_TMP
+        for f in self.spool_dir.glob(".*"):  # a hook that died mid-write (hooks rename in ms)
+            with contextlib.suppress(OSError):
+                if f.stat().st_mtime < stale:
+                    f.unlink()
         for f in sorted(p for p in self.spool_dir.iterdir() if not p.name.startswith(".")):
             try:
                 data = f.read_bytes()
