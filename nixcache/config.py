@@ -102,6 +102,12 @@ class GcConfig(_Section):
     """A collector's lease expires after this long, so a dead host's lease does not block forever."""
     residual_age: Duration | None = None
     """If set, also delete residual objects older than this at each collection."""
+    record_retention: Duration = 604800.0
+    """Deletion records (``gc/records/``) older than this are deleted; a host that has not
+    listed them for half this long forgets which paths it believed in the bucket."""
+    sole_collector: bool = False
+    """This host is the only one collecting in the bucket: needed where the provider ignores
+    conditional writes (the lease cannot exclude a second collector there)."""
 
 
 class MetricsConfig(_Section):
@@ -119,6 +125,9 @@ class Config(_Section):
     """Scanned like gcroots_dir, as Nix's own collector does; "" to disable."""
     state_dir: Path = Path(defaults.STATE_DIR)
     fifo: Path = Path(defaults.FIFO)
+    machine_id_file: Path = Path(defaults.MACHINE_ID_FILE)
+    """Identifies this machine when it claims ``gcroots/<hostname>/`` (two machines with one
+    hostname must not share it); missing: an id generated once in ``state_dir``."""
     s3: S3Config
     signing: SigningConfig
     upload: UploadConfig = UploadConfig()

@@ -9,6 +9,7 @@ FIFO = "/run/nixcache/hook.fifo"
 STORE_DIR = "/nix/store"
 GCROOTS_DIR = "/nix/var/nix/gcroots"
 PROFILES_DIR = "/nix/var/nix/profiles"
+MACHINE_ID_FILE = "/etc/machine-id"
 
 
 def spool_dir(state_dir: str) -> str:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nixcache import layout
-from nixcache.gc import Collector, Obj, gcinfo_listing, plan_collection
+from nixcache.gc import Collector, gcinfo_listing
 from nixcache.gcinfo import Gcinfo, Member
+from nixcache.gcplan import Edges, Obj, plan_collection
 
 
 @dataclass
@@ -47,7 +48,13 @@ class Usage:
         }  # fmt: skip
 
 
-def usage(live: dict[str, Gcinfo], trash: dict[str, Gcinfo], narinfos: dict[str, Obj], nars: dict[str, Obj]) -> Usage:
+def usage(
+    live: dict[str, Gcinfo],
+    trash: dict[str, Gcinfo],
+    narinfos: dict[str, Obj],
+    nars: dict[str, Obj],
+    edges: dict[str, Edges],
+) -> Usage:
     """Sizes (pure). ``narinfos`` keyed by hash part, ``nars`` by key."""
     size = {o.key: o.size for o in (*narinfos.values(), *nars.values())}
     roots_of_path: Counter[str] = Counter()
@@ -89,7 +96,7 @@ def usage(live: dict[str, Gcinfo], trash: dict[str, Gcinfo], narinfos: dict[str,
             "bytes": sum(size[k] for k in keys_of(members)),
             "exclusive": sum(r.exclusive for r in roots),
         }
-    u.trash = plan_collection(trash, live, narinfos, nars, math.inf, 0.0).bytes  # grace aside
+    u.trash = plan_collection(trash, live, narinfos, edges, nars, math.inf, 0.0).bytes  # grace aside
     accounted = keys_of(m for g in (*live.values(), *trash.values()) for m in g.members)
     u.residual = u.total - sum(size[k] for k in accounted)
     return u
@@ -97,11 +104,10 @@ def usage(live: dict[str, Gcinfo], trash: dict[str, Gcinfo], narinfos: dict[str,
 
 async def measure(collector: Collector, host: str | None) -> Usage:
     bucket = collector.bucket
-    roots = await gcinfo_listing(bucket, layout.ROOTS_PREFIX)
     trash = await gcinfo_listing(bucket, layout.TRASH_PREFIX)
-    live, dead = await collector.read_gcinfos(roots), await collector.read_gcinfos(trash)
-    narinfos, nars = await collector.bucket_objects()
-    u = usage(live, dead, narinfos, nars)
+    dead = await collector.read_gcinfos(trash)
+    state = await collector.read_state()
+    u = usage(state.live, dead, state.narinfos, state.nars, state.edges)
     if host is not None:
         u.roots = [r for r in u.roots if r.host == host]
         u.hosts = {h: v for h, v in u.hosts.items() if h == host}

@@ -1,225 +1,35 @@
-"""Garbage collection of the bucket by GC roots: planning (pure) and execution.
+"""Garbage collection of the bucket by GC roots: the execution (the plan is gcplan.py).
 
-dead = closure(trash gcinfos) - closure(live gcinfos of every host), then, for each dead
-path, its narinfo and — unless a live path shares it or it is too young — its NAR. The safety
-argument is in docs/gc.md; every rule there is a branch of :func:`plan_collection`.
+One collection: LIST the trash (empty: done, one request); probe once that the provider
+honours conditional writes; take the lease; announce what may go (deletion record, open);
+read the gcinfos and every narinfo (index) and NAR; plan; delete in order, renewing the
+lease before each batch; record what went (deletion record, done); release the lease. The
+safety argument is docs/gc.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from nixcache import layout, s3
+from nixcache import deletions, layout, lease, s3
 from nixcache.config import Config
-from nixcache.gcinfo import Gcinfo, GcinfoError, Member, parse
+from nixcache.deletions import Record
+from nixcache.errors import NixcacheError
+from nixcache.gcinfo import Gcinfo, GcinfoError, parse
+from nixcache.gcplan import Edges, Obj, Plan, candidates_of, plan_collection
 from nixcache.logs import get
+from nixcache.narindex import NarIndex
 from nixcache.progress import silent
-from nixcache.uploader import LIST_COST_IN_HEADS
 
 log = get("nixcache.gc")
 
 ProgressFn = Callable[..., None]  # (text, done=0, total=0)
-
-
-@dataclass(frozen=True)
-class Obj:
-    """An object from a LIST: key, size, last modification (epoch seconds), ETag."""
-
-    key: str
-    size: int
-    mtime: float
-    etag: str = ""
-
-    @classmethod
-    def from_listing(cls, entry: dict[str, Any]) -> Obj:
-        modified = entry.get("LastModified")
-        mtime = modified.timestamp() if isinstance(modified, datetime) else 0.0
-        return cls(str(entry["Key"]), int(entry.get("Size", 0)), mtime, str(entry.get("ETag", "")).strip('"'))
-
-
-@dataclass
-class Plan:
-    narinfos: list[str] = field(default_factory=list)
-    nars: list[str] = field(default_factory=list)
-    trash: list[str] = field(default_factory=list)
-    dead_paths: int = 0
-    kept_young: int = 0
-    kept_shared_nar: int = 0
-    nar_hash_unknown: int = 0
-    bytes: int = 0
-
-    def objects(self) -> list[str]:
-        """Deletion order: narinfos, then NARs, then the trash gcinfos (see docs/gc.md)."""
-        return [*self.narinfos, *self.nars, *self.trash]
-
-
-def dead_members(trash: dict[str, Gcinfo], live: dict[str, Gcinfo]) -> dict[str, Member]:
-    """closure(trash) - closure(live), by narinfo hash (pure)."""
-    live_hashes = {m.hash_part for g in live.values() for m in g.members}
-    dead: dict[str, Member] = {}
-    for g in trash.values():
-        for m in g.members:
-            if m.hash_part not in live_hashes and (m.hash_part not in dead or m.nar_hash):
-                dead[m.hash_part] = m
-    return dead
-
-
-def use_heads(n_dead: int, n_known_paths: int) -> bool:
-    """Ask about the dead paths' objects one HEAD each (narinfo + NAR), or LIST the bucket?
-    The bucket holds about ``n_known_paths`` narinfos and as many NARs; a LIST page (1000
-    keys) costs about LIST_COST_IN_HEADS HEADs."""
-    pages = 2 * (n_known_paths // 1000 + 1)
-    return 2 * n_dead < pages * LIST_COST_IN_HEADS
-
-
-def plan_collection(
-    trash: dict[str, Gcinfo],
-    live: dict[str, Gcinfo],
-    narinfos: dict[str, Obj],
-    nars: dict[str, Obj],
-    now: float,
-    grace: float,
-) -> Plan:
-    """What a collection deletes (pure). ``narinfos`` is keyed by hash part, ``nars`` by key."""
-    plan = Plan()
-    protected_nars = {m.nar_hash for g in live.values() for m in g.members if m.nar_hash}
-    # A live member without a NAR hash (the original tool's format) could share any NAR.
-    live_nars_known = all(m.nar_hash for g in live.values() for m in g.members)
-
-    def young(obj: Obj | None) -> bool:
-        return obj is not None and now - obj.mtime < grace
-
-    dead = dead_members(trash, live)
-    plan.dead_paths = len(dead)
-    kept: set[str] = set()
-    for h, m in dead.items():
-        if young(narinfos.get(h)) or any(young(nars.get(k)) for k in layout.nar_candidates(m.nar_hash or "")):
-            kept.add(h)
-            if m.nar_hash:
-                protected_nars.add(m.nar_hash)
-    plan.kept_young = len(kept)
-    planned_nars: set[str] = set()
-
-    for h, m in sorted(dead.items()):
-        if h in kept:
-            continue
-        obj = narinfos.get(h)
-        if obj is not None:
-            plan.narinfos.append(obj.key)
-            plan.bytes += obj.size
-        if m.nar_hash is None:
-            plan.nar_hash_unknown += 1  # left to `nixcache residual`
-            continue
-        if m.nar_hash in protected_nars or not live_nars_known:
-            plan.kept_shared_nar += 1
-            continue
-        for key in layout.nar_candidates(m.nar_hash):
-            nar = nars.get(key)
-            if nar is not None and key not in planned_nars:  # dead paths may share a NAR
-                planned_nars.add(key)
-                plan.nars.append(key)
-                plan.bytes += nar.size
-    # A trash gcinfo goes only once all its dead members are gone: one with a member kept for
-    # being young stays, so a later collection (after the grace period) still finds it. One
-    # whose twin is still in gcroots/ is being moved right now (dereference copies, then
-    # deletes): its members looked live only because of that twin, so it stays for next time.
-    for key, g in sorted(trash.items()):
-        twin = layout.ROOTS_PREFIX + key[len(layout.TRASH_PREFIX) :]
-        if not any(m.hash_part in kept for m in g.members) and twin not in live:
-            plan.trash.append(key)
-    return plan
-
-
-@dataclass
-class Residual:
-    narinfos: list[str] = field(default_factory=list)
-    nars: list[str] = field(default_factory=list)
-    bytes: int = 0
-
-
-def plan_residual(
-    live: dict[str, Gcinfo],
-    narinfos: dict[str, Obj],
-    nars: dict[str, Obj],
-    urls_of_unlisted: dict[str, str | None],
-    now: float,
-    older_than: float,
-) -> Residual:
-    """Objects no live root accounts for, older than ``older_than`` (pure).
-
-    ``urls_of_unlisted``: for every narinfo that stays and is in no live gcinfo with a NAR
-    hash, the NAR URL it names (None if it could not be read: then no NAR is deleted)."""
-    plan = Residual()
-    live_members = {m.hash_part: m for g in live.values() for m in g.members}
-    kept_nars: set[str] = set()
-    for h, obj in sorted(narinfos.items()):
-        member = live_members.get(h)
-        if member is None and now - obj.mtime >= older_than:
-            plan.narinfos.append(obj.key)
-            plan.bytes += obj.size
-            continue
-        if member is not None and member.nar_hash:
-            kept_nars.update(layout.nar_candidates(member.nar_hash))
-        elif h in urls_of_unlisted:
-            url = urls_of_unlisted[h]
-            if url is None:
-                return Residual(narinfos=plan.narinfos, bytes=plan.bytes)  # unsure: keep every NAR
-            kept_nars.add(url)
-    for key, obj in sorted(nars.items()):
-        if key not in kept_nars and now - obj.mtime >= older_than:
-            plan.nars.append(key)
-            plan.bytes += obj.size
-    return plan
-
-
-# ---- execution ------------------------------------------------------------------------------
-
-
-@dataclass
-class Lease:
-    """The collector's lease: a bucket object written with ``If-None-Match: *``."""
-
-    etag: str
-    holder: str
-
-
-async def acquire_lease(bucket: s3.S3, holder: str, ttl: float) -> Lease | str:
-    """The lease, or the description of whoever holds it. A stale lease (past its expiry) is
-    taken over with ``If-Match`` on its ETag, so two hosts cannot both take it over."""
-    body = json.dumps({"holder": holder, "expires": time.time() + ttl}).encode()
-    for _ in range(2):
-        etag = await bucket.put_if(layout.GC_LEASE, body, none_match=True)
-        if etag is not None:
-            return Lease(etag, holder)
-        current = await bucket.get_with_etag(layout.GC_LEASE)
-        if current is None:
-            continue  # released meanwhile: try again
-        data, current_etag = current
-        try:
-            info = json.loads(data)
-            other, expires = str(info["holder"]), float(info["expires"])
-        except (ValueError, KeyError, TypeError):
-            other, expires = "unreadable lease", 0.0
-        if expires > time.time():
-            return f"{other} (until {datetime.fromtimestamp(expires).isoformat(timespec='seconds')})"
-        etag = await bucket.put_if(layout.GC_LEASE, body, match=current_etag)
-        if etag is not None:
-            log.warning("gc.lease_taken_over", stale_holder=other)
-            return Lease(etag, holder)
-    return "another collector (lease contended)"
-
-
-async def release_lease(bucket: s3.S3, lease: Lease) -> None:
-    await bucket.delete_if(layout.GC_LEASE, lease.etag)
 
 
 class GcinfoCache:
@@ -262,12 +72,24 @@ class GcinfoCache:
 class GcResult:
     skipped: str | None = None
     plan: Plan = field(default_factory=Plan)
-    residual: Residual | None = None
     gcinfos_read: int = 0
     gcinfos_cached: int = 0
+    narinfos_read: int = 0
     deleted: int = 0
+    record: str | None = None
     requests: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+
+
+@dataclass
+class State:
+    """What the collector reads of the bucket before it plans."""
+
+    live: dict[str, Gcinfo]
+    narinfos: dict[str, Obj]
+    edges: dict[str, Edges]
+    nars: dict[str, Obj]
+    live_objs: dict[str, Obj]
 
 
 async def listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> dict[str, Obj]:
@@ -280,12 +102,22 @@ async def gcinfo_listing(bucket: s3.S3, prefix: str) -> dict[str, Obj]:
     return {k: o for k, o in (await listing(bucket, prefix)).items() if k.endswith(layout.GCINFO_SUFFIX)}
 
 
+def unsafe_provider(bucket: s3.S3) -> str:
+    return (
+        f"s3://{bucket.bucket}: this provider ignores conditional writes (If-None-Match/If-Match on PUT), "
+        "so the lease cannot keep a second collector out. Collect on one host only: set gc.sole_collector = true "
+        "there and gc.collect = false everywhere else (docs/nixos.md, providers)"
+    )
+
+
 class Collector:
     def __init__(self, cfg: Config, bucket: s3.S3, progress: ProgressFn = silent) -> None:
         self.cfg = cfg
         self.bucket = bucket
         self.cache = GcinfoCache(cfg.state_dir / "gcinfo-cache")
+        self.index = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
         self.progress = progress
+        self._live_etags: set[str] = set()
 
     async def read_gcinfos(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
         out = {}
@@ -294,40 +126,27 @@ class Collector:
             self.progress("reading gcinfos", n, len(objs))
         return out
 
-    async def _heads(self, dead: dict[str, Member]) -> tuple[dict[str, Obj], dict[str, Obj]]:
-        """The dead paths' narinfos and NARs, one HEAD each (16 at a time); a NAR's
-        compression is unknown, so its candidate names are tried most likely first."""
-        narinfos: dict[str, Obj] = {}
-        nars: dict[str, Obj] = {}
-        sem = asyncio.Semaphore(16)
-
-        async def head(key: str) -> Obj | None:
-            async with sem:
-                meta = await self.bucket.head(key)
-            if meta is None:
-                return None
-            modified = meta.get("LastModified")
-            mtime = modified.timestamp() if isinstance(modified, datetime) else 0.0
-            return Obj(key, int(meta.get("ContentLength", 0)), mtime)
-
-        async def one(h: str, m: Member) -> None:
-            if (obj := await head(f"{h}.narinfo")) is not None:
-                narinfos[h] = obj
-            for key in layout.nar_candidates(m.nar_hash) if m.nar_hash else []:
-                if (nar := await head(key)) is not None:
-                    nars[key] = nar
-                    break
-
-        await asyncio.gather(*(one(h, m) for h, m in dead.items()))
-        return narinfos, nars
-
     async def bucket_objects(self) -> tuple[dict[str, Obj], dict[str, Obj]]:
+        """Every narinfo (by hash part) and every NAR (by key), from two LISTs side by side."""
         self.progress("listing narinfos and NARs")
-        # The two listings are independent: run them side by side.
         top, nar_listing = await asyncio.gather(listing(self.bucket, "", "/"), listing(self.bucket, layout.NAR_PREFIX))
         narinfos = {h: o for o in top.values() if (h := layout.hash_of_narinfo_key(o.key))}
-        nars = {k: o for k, o in nar_listing.items() if layout.hash_of_nar_key(k)}
-        return narinfos, nars
+        return narinfos, {k: o for k, o in nar_listing.items() if k.startswith(layout.NAR_PREFIX)}
+
+    async def read_state(self) -> State:
+        live_objs = await gcinfo_listing(self.bucket, layout.ROOTS_PREFIX)
+        live = await self.read_gcinfos(live_objs)
+        narinfos, nars = await self.bucket_objects()
+        edges = await self.index.sync(self.bucket, narinfos, self.progress)
+        narinfos = {h: o for h, o in narinfos.items() if h in edges}  # gone between LIST and GET
+        self._live_etags = {o.etag for o in live_objs.values()}
+        return State(live, narinfos, edges, nars, live_objs)
+
+    def _plan(self, trash: dict[str, Gcinfo], state: State, residual_age: float | None) -> Plan:
+        return plan_collection(
+            trash, state.live, state.narinfos, state.edges, state.nars, time.time(), self.cfg.gc.grace_period,
+            residual_age,
+        )  # fmt: skip
 
     async def collect(
         self,
@@ -337,15 +156,18 @@ class Collector:
         trash: bool = True,
     ) -> GcResult:
         """One collection (of the trash, and of residual objects when ``residual_age`` is set).
-        Raises GcinfoError, with nothing deleted, on any unreadable gcinfo."""
+        Raises NixcacheError, with nothing deleted, on any unreadable gcinfo or narinfo that
+        matters, and LeaseLost if it lost its lease part way (what it deleted is recorded)."""
         started = time.monotonic()
         result = GcResult()
         with s3.job_requests() as counter:
-            trash_objs = await gcinfo_listing(self.bucket, layout.TRASH_PREFIX) if trash else {}
-            if trash_objs or residual_age is not None:  # an empty trash costs that one LIST
-                await self._collect(trash_objs, dry_run, holder, residual_age, result)
-            result.requests = counter
-        result.seconds = time.monotonic() - started
+            try:
+                trash_objs = await gcinfo_listing(self.bucket, layout.TRASH_PREFIX) if trash else {}
+                if trash_objs or residual_age is not None:  # an empty trash costs that one LIST
+                    await self._collect(trash_objs, dry_run, holder, residual_age, result)
+            finally:
+                result.requests = counter
+                result.seconds = time.monotonic() - started
         return result
 
     async def _collect(
@@ -356,72 +178,102 @@ class Collector:
         residual_age: float | None,
         result: GcResult,
     ) -> None:
-        lease = None
+        held: lease.Lease | None = None
+        rid = deletions.new_id(self.cfg.hostname)
         if not dry_run:
-            got = await acquire_lease(
-                self.bucket, holder or f"{self.cfg.hostname}:{os.getpid()}", self.cfg.gc.lease_ttl
+            probe_cache = self.cfg.state_dir / "conditional-writes.json"
+            if not await lease.conditional_writes(self.bucket, probe_cache) and not self.cfg.gc.sole_collector:
+                raise NixcacheError(unsafe_provider(self.bucket))
+            got = await lease.acquire(
+                self.bucket, holder or f"{self.cfg.hostname}:{os.getpid()}", self.cfg.gc.lease_ttl, record=rid
             )
             if isinstance(got, str):
                 result.skipped = f"lease held by {got}"
                 return
-            lease = got
+            held = got
         try:
-            live_objs = await gcinfo_listing(self.bucket, layout.ROOTS_PREFIX)
             trash = await self.read_gcinfos(trash_objs)
-            live = await self.read_gcinfos(live_objs)
+            if dry_run:
+                state = await self.read_state()
+                result.plan = self._plan(trash, state, residual_age)
+            else:
+                assert held is not None
+                await self._announce_plan_delete(trash, residual_age, rid, held, result)
+            self.cache.prune([*(o.etag for o in trash_objs.values()), *self._live_etags])
             result.gcinfos_read = self.cache.downloads
             result.gcinfos_cached = self.cache.hits
-            known = len({m.hash_part for g in (*trash.values(), *live.values()) for m in g.members})
-            dead = dead_members(trash, live)
-            if residual_age is None and use_heads(len(dead), known):
-                narinfos, nars = await self._heads(dead)
-            else:
-                narinfos, nars = await self.bucket_objects()
-            now = time.time()
-            result.plan = plan_collection(trash, live, narinfos, nars, now, self.cfg.gc.grace_period)
-            if residual_age is not None:
-                gone = set(result.plan.narinfos)
-                remaining = {h: o for h, o in narinfos.items() if o.key not in gone}
-                result.residual = await self._residual(live, remaining, nars, now, residual_age)
-            if not dry_run:
-                await self._delete(result)
-            self.cache.prune(o.etag for o in [*trash_objs.values(), *live_objs.values()])
+            result.narinfos_read = self.index.downloads
         finally:
-            if lease is not None:
-                await release_lease(self.bucket, lease)
+            if held is not None:
+                await lease.release(self.bucket, held)
 
-    async def _residual(
-        self, live: dict[str, Gcinfo], narinfos: dict[str, Obj], nars: dict[str, Obj], now: float, age: float
-    ) -> Residual:
-        live_members = {m.hash_part: m for g in live.values() for m in g.members}
-        urls: dict[str, str | None] = {}
-        for h, obj in narinfos.items():
-            member = live_members.get(h)
-            if member is not None and member.nar_hash:
-                continue  # its NAR is known from the gcinfo
-            if member is None and now - obj.mtime >= age:
-                continue  # residual itself
-            # A narinfo that stays and no gcinfo describes (young, or an old-format member):
-            # read which NAR it names, so that NAR is not taken for residual.
-            text = await self.bucket.get(obj.key)
-            lines = (text or b"").decode(errors="replace").splitlines()
-            urls[h] = next((ln[5:].strip() for ln in lines if ln.startswith("URL: ")), None)
-        return plan_residual(live, narinfos, nars, urls, now, age)
+    async def _announce_plan_delete(
+        self, trash: dict[str, Gcinfo], residual_age: float | None, rid: str, held: lease.Lease, result: GcResult
+    ) -> None:
+        """Write the open deletion record *before* reading what justifies any deletion, plan
+        only within what it announced, delete, and close the record with what went —
+        whatever happens once it is open (docs/gc.md, rule 9)."""
+        paths, nar_hashes = candidates_of(trash)
+        nar_keys: set[str] = set()
+        if residual_age is not None:  # residual candidates are only known from a first read
+            first = self._plan(trash, await self.read_state(), residual_age)
+            paths |= first.paths()
+            nar_keys |= set(first.nars)
+        if not paths and not nar_keys:  # trash gcinfos with no members: nothing to announce
+            result.plan = Plan(trash=sorted(trash))
+            await self._delete(result, held, set(), set())
+            return
+        known = await asyncio.to_thread(self.index.urls, paths)  # NARs named otherwise than by narHash
+        announced = Record(rid, frozenset(paths), frozenset(nar_hashes), frozenset(nar_keys | known))
+        await self.bucket.put(deletions.open_key(rid), announced.render(), "application/gzip")
+        gone_paths: set[str] = set()
+        gone_nars: set[str] = set()
+        try:
+            state = await self.read_state()
+            await lease.hold(self.bucket, held)
+            result.plan = restrict(self._plan(trash, state, residual_age), announced)
+            await self._delete(result, held, gone_paths, gone_nars)
+        finally:
+            done = Record(rid, frozenset(gone_paths), frozenset(), frozenset(gone_nars))
+            await self.bucket.put(deletions.done_key(rid), done.render(), "application/gzip")
+            result.record = rid
+        await self._prune_records()
 
-    async def _delete(self, result: GcResult) -> None:
-        """Each phase completes before the next starts (separate requests): narinfos first, so
-        no narinfo ever points at a deleted NAR; the trash gcinfos last, so a crash anywhere
-        leaves the trash in place and the next collection redoes what is left."""
-        plan, residual = result.plan, result.residual or Residual()
-        phases = (
-            ("narinfos", [*plan.narinfos, *residual.narinfos]),
-            ("nars", [*plan.nars, *residual.nars]),
-            ("trash", plan.trash),
-        )
+    async def _delete(self, result: GcResult, held: lease.Lease, gone_paths: set[str], gone_nars: set[str]) -> None:
+        """Each batch completes before the next starts (separate requests): narinfos layer by
+        layer, referrers first, so no narinfo ever names a deleted one; then the NARs, so no
+        narinfo names a deleted NAR; the trash gcinfos last, so a crash anywhere leaves the
+        trash in place and the next collection redoes what is left. The lease is checked
+        (renewed past half-life) before each batch. A batch counts as gone from the moment it
+        is sent (``gone_*``: what the done record reports), in case it fails half-way."""
+        plan = result.plan
+        phases = [*(("narinfos", layer) for layer in plan.narinfo_layers), ("nars", plan.nars), ("trash", plan.trash)]
+        total = len(plan.objects())
         for phase, keys in phases:
             for start in range(0, len(keys), 1000):
                 batch = keys[start : start + 1000]
+                await lease.hold(self.bucket, held)
+                if phase == "narinfos":
+                    gone_paths.update(k.removesuffix(".narinfo") for k in batch)
+                elif phase == "nars":
+                    gone_nars.update(batch)
                 await self.bucket.delete_many(batch)
                 result.deleted += len(batch)
-                self.progress(f"deleting {phase}", start + len(batch), len(keys))
+                self.progress(f"deleting {phase}", result.deleted, total)
                 log.info("gc.deleted_batch", phase=phase, objects=len(batch), deleted=result.deleted)
+
+    async def _prune_records(self) -> None:
+        """Deletion records older than gc.record_retention go (one LIST, a DELETE if any)."""
+        old = time.time() - self.cfg.gc.record_retention
+        keys = [o.key for o in (await listing(self.bucket, deletions.PREFIX)).values() if o.mtime < old]
+        if keys:
+            await self.bucket.delete_many(keys)
+
+
+def restrict(plan: Plan, announced: Record) -> Plan:
+    """Keep only deletions the open record announced (pure): anything else may be what a
+    host wrote after the record and relied on, unseen by it."""
+    layers = ([k for k in layer if k.removesuffix(".narinfo") in announced.paths] for layer in plan.narinfo_layers)
+    plan.narinfo_layers = [layer for layer in layers if layer]
+    plan.nars = [k for k in plan.nars if announced.hits((), (k,))]
+    return plan

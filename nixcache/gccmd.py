@@ -23,16 +23,14 @@ def report(result: GcResult, dry_run: bool) -> str:
         return f"skipped: {result.skipped}"
     verb = "would delete" if dry_run else "deleted"
     plan = result.plan
-    lines = [f"{verb} {key}" for key in plan.objects()]
-    residual = result.residual
-    if residual is not None:
-        lines += [f"{verb} {key} (residual)" for key in [*residual.narinfos, *residual.nars]]
-    total = plan.bytes + (residual.bytes if residual else 0)
-    count = len(plan.objects()) + (len(residual.narinfos) + len(residual.nars) if residual else 0)
+    lines = [f"{verb} {key}{' (residual)' if key in plan.residual else ''}" for key in plan.objects()]
+    total, count = plan.bytes, len(plan.objects())
     lines.append(
         f"{verb} {count} objects, {total / 1e6:.2f} MB ({total} bytes): {plan.dead_paths} dead paths, "
-        f"{plan.kept_young} kept as younger than the grace period, {plan.kept_shared_nar} NARs kept as shared; "
+        f"{plan.kept_young} kept as younger than the grace period, {plan.kept_referenced} kept as referenced "
+        f"by a narinfo that stays, {plan.kept_shared_nar} NARs kept as shared; "
         f"gcinfos downloaded {result.gcinfos_read}, from cache {result.gcinfos_cached}; "
+        f"narinfos downloaded {result.narinfos_read}; "
         f"S3 requests: {dict(result.requests)}; {result.seconds:.1f}s"
     )
     return "\n".join(lines)

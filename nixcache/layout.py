@@ -49,6 +49,10 @@ def store_path_of_gcinfo(name: str, store_dir: str) -> str | None:
     return f"{store_dir}/{digest}-{pname}"
 
 
+CLAIM = ".claim"
+"""``gcroots/<hostname>/.claim``: the machine id of the host that publishes there."""
+
+
 def roots_folder(hostname: str) -> str:
     return f"{ROOTS_PREFIX}{hostname}/"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -13,7 +14,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = 0.1 if self.tty else interval
-        self._last = 0.0
+        self._last = -math.inf  # the first line always shows, whatever the uptime
         self._shown = False
 
     def __call__(self, text: str, done: int = 0, total: int = 0) -> None:

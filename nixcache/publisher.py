@@ -8,7 +8,9 @@ Dereferencing moves this host's gcinfos whose root is gone to ``gctrash/<host>/`
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from nixcache.gcinfo import Gcinfo, Member, etag_of
 from nixcache.logs import get
 from nixcache.roots import Root, is_kept
 from nixcache.store import PathInfo
-from nixcache.uploader import Uploader, upstream_paths
+from nixcache.uploader import PushResult, Uploader, upstream_paths
 
 log = get("nixcache.publisher")
 
@@ -46,6 +48,35 @@ def build_gcinfo(root: str, infos: dict[str, PathInfo], upstream: set[str]) -> G
     return Gcinfo(root, members)
 
 
+class HostClaimed(NixcacheError):
+    """Another machine publishes under this hostname: sharing its folder would trash its roots."""
+
+
+def machine_id(cfg: Config) -> str:
+    """This machine's id: ``machine_id_file`` (``/etc/machine-id``), else one generated once
+    in ``state_dir``."""
+    for path in (cfg.machine_id_file, cfg.state_dir / "machine-id"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    generated = uuid.uuid4().hex
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.state_dir / "machine-id").write_text(generated + "\n")
+    except OSError as e:
+        raise NixcacheError(
+            f"no {cfg.machine_id_file} and cannot write {cfg.state_dir}/machine-id: {e.strerror}"
+        ) from None
+    return generated
+
+
+def claim_body(cfg: Config) -> bytes:
+    return json.dumps({"hostname": cfg.hostname, "machine_id": machine_id(cfg)}, sort_keys=True).encode() + b"\n"
+
+
 @dataclass
 class CycleResult:
     published: list[str] = field(default_factory=list)
@@ -61,16 +92,41 @@ class Publisher:
         self.cfg = cfg
         self.folder = layout.roots_folder(cfg.hostname)
         self.trash = layout.trash_folder(cfg.hostname)
+        self.claim = self.folder + layout.CLAIM
         self.remote: dict[str, str] | None = None
         """key → ETag of this host's published gcinfos; None until listed."""
 
-    async def list_remote(self, bucket: s3.S3) -> dict[str, str]:
-        self.remote = {
-            obj["Key"]: str(obj.get("ETag", "")).strip('"')
-            async for obj in bucket.list_keys(self.folder)
-            if str(obj["Key"]).endswith(layout.GCINFO_SUFFIX)
-        }
+    async def list_remote(self, bucket: s3.S3, claim: bool = True) -> dict[str, str]:
+        """This host's gcinfos (key → ETag), one paged LIST. With ``claim``, the folder is
+        claimed for this machine first, or HostClaimed raised: the claim is in the same
+        listing, so checking it at every cycle costs nothing."""
+        listed = {str(obj["Key"]): str(obj.get("ETag", "")).strip('"') async for obj in bucket.list_keys(self.folder)}
+        if claim:
+            await self.ensure_claim(bucket, listed.get(self.claim))
+        self.remote = {k: v for k, v in listed.items() if k.endswith(layout.GCINFO_SUFFIX)}
         return self.remote
+
+    async def ensure_claim(self, bucket: s3.S3, listed_etag: str | None) -> None:
+        body = claim_body(self.cfg)
+        if listed_etag == etag_of(body):
+            return
+        if listed_etag is None:
+            await bucket.put_if(self.claim, body, none_match=True)
+        # Read back: where conditional writes are ignored, the last writer wins; both see who.
+        current = await bucket.get(self.claim)
+        if current == body:
+            log.info("host.claimed", folder=self.folder)
+            return
+        try:
+            other = json.loads(current or b"{}").get("machine_id", "?")
+        except ValueError:
+            other = "unreadable"
+        raise HostClaimed(
+            f"s3://{bucket.bucket}/{self.folder} belongs to another machine (machine id {str(other)[:12]}…, this one "
+            f"is {machine_id(self.cfg)[:12]}…): two machines named {self.cfg.hostname!r} would trash each other's "
+            f"roots. Set `hostname` to a name unique in this bucket (or, if this is the same machine reinstalled, "
+            f"delete s3://{bucket.bucket}/{self.claim})"
+        )
 
     async def gcinfos(self, roots: Iterable[str]) -> dict[str, tuple[Gcinfo, bytes]]:
         """The gcinfo each root would have now, from the local Nix database (no S3)."""
@@ -84,50 +140,70 @@ class Publisher:
         return out
 
     async def publish(self, uploader: Uploader, roots: dict[str, Root]) -> CycleResult:
-        """Publish every root whose gcinfo is missing or different; push closures first."""
+        """Publish every root whose gcinfo is missing or different (or whose closure a
+        collection touched): push closures first, check the deletion records, write the
+        gcinfos, check again (docs/gc.md, rules 1 and 9)."""
         started = time.monotonic()
         result = CycleResult()
         bucket = uploader.s3
         with s3.job_requests() as counter:
             remote = self.remote if self.remote is not None else await self.list_remote(bucket)
+            settled = await uploader.begin()
+            touched = uploader.records.take_deleted()
             wanted = await self.gcinfos(roots)
             changed = {}
             for root, (info, data) in wanted.items():
                 key = self.folder + layout.gcinfo_name(root)
-                if remote.get(key) == etag_of(data):
+                if remote.get(key) == etag_of(data) and not any(m.hash_part in touched for m in info.members):
                     result.unchanged += 1
                 else:
                     changed[root] = (key, info, data)
-            # One push for all changed roots: one presence check (a LIST when cheaper) for the
-            # union of their closures. If it fails, push root by root to find out which.
-            try:
-                if changed:  # nothing changed: no request at all
-                    await uploader.push(sorted(changed))
-                pushed = set(changed)
-            except NixcacheError:
-                pushed = set()
-                for root in sorted(changed):
+            written = PushResult(sorted(changed))
+            pushed = await self._push(uploader, sorted(changed), settled, result, written)
+            if pushed:
+                # The closures are checked against every collection before any gcinfo names
+                # them, and once more after, for a collection that ran while we wrote.
+                settled = await uploader.settle(sorted(pushed), settled, written)
+                for root in sorted(pushed):
+                    key, info, data = changed[root]
+                    if remote.get(key) == etag_of(data):
+                        continue  # re-checked only: the bucket already has these bytes
+                    metadata = {"closuresize": str(info.nar_size), "paths": str(len(info.members))}
                     try:
-                        await uploader.push([root])
-                        pushed.add(root)
+                        await bucket.put(key, data, "application/gzip", metadata)
                     except NixcacheError as e:
                         result.failed[root] = str(e)
                         log.warning("gcinfo.failed", root=root, error=str(e))
-            for root in sorted(pushed):
-                key, info, data = changed[root]
-                metadata = {"closuresize": str(info.nar_size), "paths": str(len(info.members))}
-                try:
-                    await bucket.put(key, data, "application/gzip", metadata)
-                except NixcacheError as e:
-                    result.failed[root] = str(e)
-                    log.warning("gcinfo.failed", root=root, error=str(e))
-                    continue
-                remote[key] = etag_of(data)
-                result.published.append(root)
-                log.info("gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size)
+                        continue
+                    remote[key] = etag_of(data)
+                    result.published.append(root)
+                    log.info("gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size)
+                await uploader.settle(sorted(pushed), settled, written)
             result.requests = counter
         result.seconds = time.monotonic() - started
         return result
+
+    async def _push(
+        self, uploader: Uploader, roots: list[str], settled: set[str], result: CycleResult, written: PushResult
+    ) -> set[str]:
+        """One push for all roots: one presence check (a LIST when cheaper) for the union of
+        their closures. If it fails, push root by root to find out which. ``written``
+        collects the NARs written, for the checks that follow."""
+        if not roots:
+            return set()  # nothing changed: no request at all
+        try:
+            written.nar_keys |= (await uploader.push(roots, settled)).nar_keys
+            return set(roots)
+        except NixcacheError:
+            pushed = set()
+            for root in roots:
+                try:
+                    written.nar_keys |= (await uploader.push([root], settled)).nar_keys
+                    pushed.add(root)
+                except NixcacheError as e:
+                    result.failed[root] = str(e)
+                    log.warning("gcinfo.failed", root=root, error=str(e))
+            return pushed
 
     def gone(self, remote: Iterable[str], live: Iterable[str]) -> list[str]:
         """Keys of this host's gcinfos whose root is no longer live nor pinned (pure)."""

@@ -27,7 +27,7 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
     selected, _ = local_roots(cfg)
     publisher = Publisher(cfg)
     async with S3(cfg.s3) as bucket:
-        remote = await publisher.list_remote(bucket)
+        remote = await publisher.list_remote(bucket, claim=False)
     rows = []
     for root, (_, data) in (await publisher.gcinfos(selected)).items():
         etag = remote.get(publisher.folder + layout.gcinfo_name(root))

@@ -83,6 +83,7 @@ class Service:
         self._discarding = False
         self._background: set[asyncio.Task[None]] = set()
         self.publisher = Publisher(cfg)
+        self.watcher: roots.Watcher | None = None
         self.live_roots: dict[str, roots.Root] = {}
         self.roots_scanned = asyncio.Event()
         self.roots_complete = False
@@ -284,6 +285,11 @@ class Service:
                 log.exception("roots.crashed", error=repr(e))
             await self._wait_for_change(watcher)
 
+    def _roots_changed(self) -> None:
+        """Make the roots loop publish again soon (a collection touched the bucket)."""
+        if self.watcher is not None:
+            self.watcher.changed.set()
+
     async def _roots_round(self, watcher: roots.Watcher) -> None:
         scan = await asyncio.to_thread(self.scan_roots)
         watcher.update(scan.dirs)
@@ -336,6 +342,12 @@ class Service:
         assert self.bucket is not None
         with self.bucket.use() as uploader:
             try:
+                # What collections deleted (one LIST when nothing happened): forget it, and
+                # re-check the roots whose closures lost a path.
+                await uploader.records.refresh()
+                uploader.forget()
+                if uploader.records.deleted:
+                    self._roots_changed()
                 result = await self.publisher.dereference(uploader.s3, self.live_roots)
                 self.metrics.gcinfos_trashed += len(result.moved)
                 self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
@@ -369,7 +381,11 @@ class Service:
                 log.exception("gc.crashed", error=repr(e))
                 return
         plan = result.plan
-        freed = plan.bytes + (result.residual.bytes if result.residual else 0)
+        if plan.narinfos and self.bucket is not None and self.bucket.uploader is not None:
+            # Our own collection: forget those paths now, and re-check our roots' closures.
+            self.bucket.uploader.records.learn(plan.paths())
+            self._roots_changed()
+        freed = plan.bytes
         self.metrics.gc_runs += 1
         self.metrics.gc_deleted_objects += result.deleted
         self.metrics.gc_deleted_bytes += freed if result.deleted else 0
@@ -384,7 +400,9 @@ class Service:
             kept_young=plan.kept_young,
             kept_shared_nar=plan.kept_shared_nar,
             deleted=result.deleted,
-            bytes=plan.bytes + (result.residual.bytes if result.residual else 0),
+            bytes=plan.bytes,
+            kept_referenced=plan.kept_referenced,
+            narinfos_read=result.narinfos_read,
             requests=dict(result.requests),
             seconds=round(result.seconds, 3),
         )
@@ -496,6 +514,9 @@ class Service:
         if old is not None and old.uploader is not None and new.uploader is not None:
             if (old.cfg.s3.endpoint, old.cfg.s3.bucket) == (cfg.s3.endpoint, cfg.s3.bucket):
                 new.uploader.known_present = old.uploader.known_present
+                new.uploader.records.adopt(old.uploader.records)
+            else:
+                self.publisher.remote = None  # another bucket: its gcinfos are listed afresh
             self._background_task(old.close())
         self.cfg = cfg
         self.publisher.cfg = cfg
@@ -522,7 +543,7 @@ class Service:
             self._enqueue(path)
         self._spawn_workers()
         refill = asyncio.create_task(self._refill_loop(), name="refill")
-        watcher = roots.Watcher()
+        watcher = self.watcher = roots.Watcher()
         watcher.start()
         loops = [
             refill,

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 
 from nixcache import layout, s3, store
 from nixcache.config import Config
+from nixcache.deletions import Tracker
+from nixcache.errors import S3Error
 from nixcache.logs import get
 from nixcache.nar import NarStream
+from nixcache.narindex import NarIndex
 from nixcache.narinfo import NarInfo
 from nixcache.signing import SecretKey
 from nixcache.store import PathInfo
@@ -92,8 +95,11 @@ class PushResult:
     uploaded: int = 0
     nar_bytes: int = 0
     file_bytes: int = 0
+    repaired: int = 0
     seconds: float = 0.0
     requests: Counter[str] = field(default_factory=Counter)
+    nar_keys: set[str] = field(default_factory=set)
+    """NARs this push wrote."""
 
 
 ProgressCallback = Callable[[PathInfo, int], None]
@@ -103,14 +109,21 @@ class Uploader:
     """Pushes closures into one bucket, sharing work between concurrent pushes.
 
     ``known_present`` remembers narinfos seen in (or written to) the bucket, so pushing a
-    closure twice costs no second round of requests.
+    closure twice costs no second round of requests. It is never trusted blindly: every
+    push ends by checking the deletion records (:meth:`settle`), which evict from it what
+    any collection deleted, and repairs what the push relied on.
     """
+
+    MAX_REPAIRS = 5
 
     def __init__(self, cfg: Config, bucket: s3.S3, key: SecretKey) -> None:
         self.cfg = cfg
         self.s3 = bucket
         self.key = key
         self.known_present: set[str] = set()
+        self.records = Tracker(bucket, cfg.state_dir / "deletion-records.json", cfg.gc.record_retention)
+        self.index: NarIndex | None = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
+        """where narinfos this host writes are recorded for its collector (saves a GET each)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._transfers = asyncio.Semaphore(cfg.upload.workers)
         self._cache_info_written = False
@@ -147,42 +160,95 @@ class Uploader:
 
         await asyncio.gather(*(check(p) for p in paths))
 
-    async def push(self, roots: list[str]) -> PushResult:
-        """Make sure the closure of ``roots`` is in the bucket; raise if any path failed."""
+    def forget(self) -> None:
+        """Evict from ``known_present`` what a collection deleted or may be deleting; all of
+        it if this host may have missed deletion records (offline or suspended too long)."""
+        doubtful = self.records.take_doubtful()
+        if self.records.stale:
+            self.known_present.clear()
+        elif doubtful:
+            self.known_present = {p for p in self.known_present if layout.hash_part(p) not in doubtful}
+
+    async def begin(self) -> set[str]:
+        """Start a job that writes to the bucket: the deletion records settled by now."""
+        settled = await self.records.start()
+        self.forget()
+        return settled
+
+    async def push(self, roots: list[str], settled: set[str] | None = None) -> PushResult:
+        """Make sure the closure of ``roots`` is in the bucket; raise if any path failed.
+
+        Without ``settled``, the push ends by checking the deletion records and repairing
+        what a collection took meanwhile (:meth:`settle`); with it, the caller settles."""
         started = time.monotonic()
         result = PushResult(roots=list(roots))
         with s3.job_requests() as counter:
-            await self.ensure_cache_info()
-            infos = await store.closure(roots)
-            upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
-            unknown = [p for p in infos if p not in upstream and p not in self.known_present]
-            await self._filter_present(unknown)
-            skip = upstream | self.known_present
-            todo = upload_order(infos, skip)
-            result.closure, result.upstream = len(infos), len(upstream)
-            result.present = len(infos) - len(upstream) - len(todo)
-            outcomes = await asyncio.gather(
-                *(self._ensure(info, infos, upstream, result) for info in todo), return_exceptions=True
-            )
+            own = settled is None
+            settled = await self.begin() if settled is None else settled
+            infos = await self._push(roots, result, set())
+            if own:
+                await self.settle(roots, settled, result, infos)
             result.requests = counter
         result.seconds = time.monotonic() - started
+        return result
+
+    async def settle(
+        self, roots: list[str], settled: set[str], result: PushResult, infos: dict[str, PathInfo] | None = None
+    ) -> set[str]:
+        """After a job's writes (narinfos, a gcinfo): LIST the deletion records; for any
+        collection not settled when the job began that deleted what the closure of ``roots``
+        needs — a path it relied on, a NAR it wrote — upload that again, and check again.
+        Returns the collections now settled for this job."""
+        infos = infos if infos is not None else await store.closure(roots)
+        upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
+        by_hash = {layout.hash_part(p): p for p in infos if p not in upstream}
+        nar_owner = {layout.nar_key(infos[p].nar_hash_nix32, self.cfg.upload.compression): p for p in by_hash.values()}
+        for _ in range(self.MAX_REPAIRS):
+            hits, settled = await self.records.conflicts(settled, set(by_hash), set(nar_owner) & result.nar_keys)
+            self.forget()
+            if not hits:
+                return settled
+            force = {by_hash.get(h) or nar_owner[h] for h in hits}
+            log.warning("push.repairing", paths=len(force), roots=roots[:3])
+            self.known_present -= force
+            result.repaired += len(force)
+            await self._push(roots, result, force)
+        raise S3Error(f"the bucket kept changing under this push of {roots[0]}; it will be retried")
+
+    async def _push(self, roots: list[str], result: PushResult, force: set[str]) -> dict[str, PathInfo]:
+        """Upload what of the closure of ``roots`` is missing (and ``force``, even if present)."""
+        await self.ensure_cache_info()
+        infos = await store.closure(roots)
+        upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
+        unknown = [p for p in infos if p not in upstream and p not in self.known_present and p not in force]
+        await self._filter_present(unknown)
+        skip = (upstream | self.known_present) - force
+        todo = upload_order(infos, skip)
+        if not force:
+            result.closure, result.upstream = len(infos), len(upstream)
+            result.present = len(infos) - len(upstream) - len(todo)
+        outcomes = await asyncio.gather(
+            *(self._ensure(info, infos, upstream, result, force) for info in todo), return_exceptions=True
+        )
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             raise errors[0]
-        return result
+        return infos
 
     def _ensure(
-        self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult
+        self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult, force: set[str]
     ) -> asyncio.Future[None]:
         fut = self._inflight.get(info.path)
         if fut is None:
-            fut = asyncio.ensure_future(self._upload(info, infos, upstream, result))
+            fut = asyncio.ensure_future(self._upload(info, infos, upstream, result, force))
             self._inflight[info.path] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(info.path, None))
         return fut
 
-    async def _upload(self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult) -> None:
-        if info.path in self.known_present:
+    async def _upload(
+        self, info: PathInfo, infos: dict[str, PathInfo], upstream: set[str], result: PushResult, force: set[str]
+    ) -> None:
+        if info.path in self.known_present and info.path not in force:
             return
         comp = self.cfg.upload.compression
         url = layout.nar_key(info.nar_hash_nix32, comp)
@@ -191,15 +257,21 @@ class Uploader:
             async with self._transfers:
                 nar = NarStream(info, comp, self.cfg.upload.level())
                 await self.s3.upload_stream(url, nar, self.cfg.upload.part_size_mb << 20, "application/x-nix-nar")
+            result.nar_keys.add(url)
             deps = [
-                self._ensure(infos[r], infos, upstream, result)
+                self._ensure(infos[r], infos, upstream, result, force)
                 for r in info.references
                 if r != info.path and r not in upstream and r not in self.known_present and r in infos
             ]
             await asyncio.gather(*deps)
             narinfo = make_narinfo(info, url, comp, nar.result.file_hash, nar.result.file_size)
-            text = narinfo.signed(self.key).render()
-            await self.s3.put(layout.narinfo_key(info.path), text.encode(), "text/x-nix-narinfo")
+            text = narinfo.signed(self.key).render().encode()
+            await self.s3.put(layout.narinfo_key(info.path), text, "text/x-nix-narinfo")
+        if self.index is not None:
+            try:
+                await asyncio.to_thread(self.index.record, layout.hash_part(info.path), text)
+            except Exception as e:  # only a GET saved later: never fail an upload for it
+                log.warning("narindex.record_failed", error=repr(e))
         self.known_present.add(info.path)
         result.uploaded += 1
         result.nar_bytes += nar.result.nar_size

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from nixcache import layout, s3, store
 from nixcache.config import Config, load_signing_key
 from nixcache.errors import NixcacheError
-from nixcache.gc import Obj, gcinfo_listing, listing
+from nixcache.gc import gcinfo_listing, listing
 from nixcache.gcinfo import GcinfoError, parse
+from nixcache.gcplan import Obj
 from nixcache.narinfo import NarInfo, NarInfoError
 from nixcache.signing import PublicKey
 

@@ -1,0 +1,138 @@
+"""A local index of every narinfo in the bucket: the NAR it names and what it references.
+
+narinfos are immutable once written (a rewrite changes the ETag), so each one is downloaded
+once, ever: the collector LISTs the bucket (which it does anyway) and GETs only the narinfos
+whose key and ETag the index does not hold yet. The index is an SQLite file in ``state_dir``;
+deleting it is safe (it is rebuilt, at one GET per narinfo). Narinfos this host uploads are
+recorded as they are written (their ETag is the MD5 of their text), so they cost no GET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sqlite3
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from nixcache import s3
+from nixcache.gcplan import UNREADABLE, Edges, Obj
+from nixcache.logs import get
+from nixcache.narinfo import NarInfo, NarInfoError
+
+log = get("nixcache.narindex")
+
+GET_CONCURRENCY = 32
+SCHEMA = "CREATE TABLE IF NOT EXISTS narinfo (hash TEXT PRIMARY KEY, etag TEXT NOT NULL, url TEXT, refs TEXT)"
+
+
+def edges_of(hash_part: str, text: bytes) -> Edges:
+    """What a narinfo's text says (pure); UNREADABLE if it does not parse."""
+    try:
+        info = NarInfo.parse(text.decode("utf-8"))
+    except (NarInfoError, UnicodeDecodeError):
+        return UNREADABLE
+    refs = tuple(sorted({r.split("-", 1)[0] for r in info.references} - {hash_part}))
+    return Edges(info.url, refs)
+
+
+def etag_of_text(text: bytes) -> str:
+    return hashlib.md5(text, usedforsecurity=False).hexdigest()
+
+
+class NarIndex:
+    """The SQLite file. One connection per use; safe to share between processes (WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.downloads = 0
+        self.hits = 0
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(SCHEMA)
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def record(self, hash_part: str, text: bytes) -> None:
+        """Remember a narinfo this host has just written (no GET needed for it later)."""
+        e = edges_of(hash_part, text)
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO narinfo VALUES (?, ?, ?, ?)",
+                (hash_part, etag_of_text(text), e.url, " ".join(e.refs)),
+            )
+
+    def urls(self, hashes: set[str]) -> set[str]:
+        """The NAR URLs the index already knows for these paths (no request)."""
+        with self._db() as db:
+            rows = db.execute("SELECT hash, url FROM narinfo").fetchall()
+        return {url for h, url in rows if url and h in hashes}
+
+    def _load(self) -> dict[str, tuple[str, Edges]]:
+        with self._db() as db:
+            rows = db.execute("SELECT hash, etag, url, refs FROM narinfo").fetchall()
+        return {
+            h: (etag, Edges(url, tuple(sys.intern(r) for r in refs.split())) if url else UNREADABLE)
+            for h, etag, url, refs in rows
+        }
+
+    def _store(self, fresh: Mapping[str, tuple[str, Edges]], gone: list[str]) -> None:
+        with self._db() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO narinfo VALUES (?, ?, ?, ?)",
+                [(h, etag, e.url, " ".join(e.refs)) for h, (etag, e) in fresh.items()],
+            )
+            db.executemany("DELETE FROM narinfo WHERE hash = ?", [(h,) for h in gone])
+
+    async def sync(
+        self, bucket: s3.S3, narinfos: Mapping[str, Obj], progress: Callable[..., None] | None = None
+    ) -> dict[str, Edges]:
+        """Edges of every listed narinfo (by hash part): from the index, or one GET each for
+        those it does not know at their current ETag. A narinfo that vanished between the
+        LIST and the GET is left out (it is no longer in the bucket)."""
+        known = await asyncio.to_thread(self._load)
+        out: dict[str, Edges] = {}
+        missing: list[str] = []
+        for h, obj in narinfos.items():
+            entry = known.get(h)
+            if entry is not None and (entry[0] == obj.etag or not obj.etag):
+                out[h] = entry[1]
+                self.hits += 1
+            else:
+                missing.append(h)
+        fresh: dict[str, tuple[str, Edges]] = {}
+        sem = asyncio.Semaphore(GET_CONCURRENCY)
+        done = 0
+
+        async def fetch(h: str) -> None:
+            nonlocal done
+            async with sem:
+                got = await bucket.get_with_etag(narinfos[h].key)
+            done += 1
+            if progress is not None:
+                progress("reading new narinfos", done, len(missing))
+            if got is None:
+                return
+            data, etag = got
+            e = edges_of(h, data)
+            out[h] = e
+            if e.url is not None:  # never remember what does not parse: read it again next time
+                fresh[h] = (etag.strip('"'), e)
+
+        await asyncio.gather(*(fetch(h) for h in missing))
+        self.downloads += len(missing)
+        gone = [h for h in known if h not in narinfos]
+        await asyncio.to_thread(self._store, fresh, gone)
+        if missing:
+            log.info("narindex.synced", downloaded=len(missing), known=len(known), listed=len(narinfos))
+        return out
