@@ -188,9 +188,10 @@ class Tracker:
         async with self._lock:
             listed_at = time.time()
             view = await list_records(self.bucket)
+            primed = False
             if self.seen is None:
                 saved = await asyncio.to_thread(self._load)
-                self.seen = saved if saved is not None else set(view.done)
+                self.seen, primed = (saved, False) if saved is not None else (set(view.done), True)
             fresh: list[Record] = []
             for rid in sorted(view.done - self.seen):
                 data = await self.bucket.get(done_key(rid))
@@ -208,7 +209,7 @@ class Tracker:
                     self.doubtful |= self.open[rid].paths
             self.open = {rid: r for rid, r in self.open.items() if rid in view.open}
             self.done = {rid: r for rid, r in self.done.items() if rid in view.done}
-            if fresh or not (self.seen <= view.done):
+            if primed or fresh or not (self.seen <= view.done):
                 self.seen = (self.seen & view.done) | {r.id for r in fresh}
                 await asyncio.to_thread(self._save)
             self.last_listed = listed_at
@@ -217,10 +218,12 @@ class Tracker:
                          paths=sum(len(r.paths) for r in fresh))  # fmt: skip
             return fresh, dict(self.open)
 
-    async def wait_done(self, rid: str, announced: Record, poll: float = 2.0) -> Record:
+    async def wait_done(self, rid: str, announced: Record, poll: float = 2.0, patience: float = 120.0) -> Record:
         """Wait until the collection ``rid`` is done — or abandoned (its lease gone, or
         expired by our clock with a margin): then it deletes nothing more, and everything
-        it announced is taken as deleted."""
+        it announced is taken as deleted. Past ``patience`` seconds, raise: the job is
+        retried later (a daemon's path stays pending) rather than holding a worker."""
+        deadline = time.monotonic() + patience
         while True:
             data = await self.bucket.get(done_key(rid))
             if data is not None:
@@ -229,6 +232,11 @@ class Tracker:
             if lease is None or lease.record != rid or time.time() > lease.expires + ABANDON_MARGIN:
                 log.warning("deletions.abandoned_collection", record=rid)
                 return announced
+            if time.monotonic() > deadline:
+                raise NixcacheError(
+                    f"collection {rid} by {lease.holder} may be deleting paths this job relies on and is still "
+                    "running; will check again"
+                )
             log.info("deletions.waiting_for_collection", record=rid, holder=lease.holder)
             await asyncio.sleep(poll)
 

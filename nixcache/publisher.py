@@ -122,10 +122,10 @@ class Publisher:
         except ValueError:
             other = "unreadable"
         raise HostClaimed(
-            f"s3://{bucket.bucket}/{self.folder} belongs to another machine (machine id {str(other)[:12]}…, this one "
-            f"is {machine_id(self.cfg)[:12]}…): two machines named {self.cfg.hostname!r} would trash each other's "
-            f"roots. Set `hostname` to a name unique in this bucket (or, if this is the same machine reinstalled, "
-            f"delete s3://{bucket.bucket}/{self.claim})"
+            f"s3://{bucket.bucket}/{self.folder} is claimed by another machine (machine id {str(other)[:12]}…, "
+            f"this one is {machine_id(self.cfg)[:12]}…): two machines named {self.cfg.hostname!r} would trash each "
+            f"other's roots. Set `hostname` to a name unique in this bucket (or, if this is the same machine "
+            f"reinstalled, delete s3://{bucket.bucket}/{self.claim})"
         )
 
     async def gcinfos(self, roots: Iterable[str]) -> dict[str, tuple[Gcinfo, bytes]]:
@@ -150,35 +150,43 @@ class Publisher:
             remote = self.remote if self.remote is not None else await self.list_remote(bucket)
             settled = await uploader.begin()
             touched = uploader.records.take_deleted()
-            wanted = await self.gcinfos(roots)
-            changed = {}
-            for root, (info, data) in wanted.items():
-                key = self.folder + layout.gcinfo_name(root)
-                if remote.get(key) == etag_of(data) and not any(m.hash_part in touched for m in info.members):
-                    result.unchanged += 1
-                else:
-                    changed[root] = (key, info, data)
-            written = PushResult(sorted(changed))
-            pushed = await self._push(uploader, sorted(changed), settled, result, written)
-            if pushed:
-                # The closures are checked against every collection before any gcinfo names
-                # them, and once more after, for a collection that ran while we wrote.
-                settled = await uploader.settle(sorted(pushed), settled, written)
-                for root in sorted(pushed):
-                    key, info, data = changed[root]
-                    if remote.get(key) == etag_of(data):
-                        continue  # re-checked only: the bucket already has these bytes
-                    metadata = {"closuresize": str(info.nar_size), "paths": str(len(info.members))}
-                    try:
-                        await bucket.put(key, data, "application/gzip", metadata)
-                    except NixcacheError as e:
-                        result.failed[root] = str(e)
-                        log.warning("gcinfo.failed", root=root, error=str(e))
-                        continue
-                    remote[key] = etag_of(data)
-                    result.published.append(root)
-                    log.info("gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size)
-                await uploader.settle(sorted(pushed), settled, written)
+            try:
+                wanted = await self.gcinfos(roots)
+                changed = {}
+                for root, (info, data) in wanted.items():
+                    key = self.folder + layout.gcinfo_name(root)
+                    if remote.get(key) == etag_of(data) and not any(m.hash_part in touched for m in info.members):
+                        result.unchanged += 1
+                    else:
+                        changed[root] = (key, info, data)
+                written = PushResult(sorted(changed))
+                pushed = await self._push(uploader, sorted(changed), settled, result, written)
+                if pushed:
+                    # The closures are checked against every collection before any gcinfo names
+                    # them, and once more after, for a collection that ran while we wrote.
+                    settled = await uploader.settle(sorted(pushed), settled, written)
+                    for root in sorted(pushed):
+                        key, info, data = changed[root]
+                        if remote.get(key) == etag_of(data):
+                            continue  # re-checked only: the bucket already has these bytes
+                        metadata = {"closuresize": str(info.nar_size), "paths": str(len(info.members))}
+                        try:
+                            await bucket.put(key, data, "application/gzip", metadata)
+                        except NixcacheError as e:
+                            result.failed[root] = str(e)
+                            log.warning("gcinfo.failed", root=root, error=str(e))
+                            continue
+                        remote[key] = etag_of(data)
+                        result.published.append(root)
+                        log.info(
+                            "gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size
+                        )
+                    await uploader.settle(sorted(pushed), settled, written)
+            except BaseException:
+                uploader.records.deleted |= touched  # not re-checked yet: next round
+                raise
+            if result.failed:
+                uploader.records.deleted |= touched
             result.requests = counter
         result.seconds = time.monotonic() - started
         return result

@@ -94,6 +94,10 @@ class Bucket:
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
 
+    def gcinfos(self, prefix: str) -> list[str]:
+        """The gcinfo keys under ``prefix`` (not a host's ``.claim``)."""
+        return [k for k in self.keys(prefix) if k.endswith(".gcinfo.gz")]
+
     def get(self, key: str) -> bytes | None:
         try:
             return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()  # type: ignore[no-any-return]

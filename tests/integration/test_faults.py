@@ -65,7 +65,7 @@ def test_uploads_publish_and_collect_survive_a_faulty_network(
         (tmp_path / "gcroots" / f"r{n}").symlink_to(closure[-1])
     everything = {p for c in built for p in c} | {big}
     wait_until(lambda: all(bucket.has_narinfo(p) for p in everything), 120, "every path despite the faults")
-    wait_until(lambda: len(bucket.keys("gcroots/testhost/")) == 5, 60, "every root published")
+    wait_until(lambda: len(bucket.gcinfos("gcroots/testhost/")) == 5, 60, "every root published")
     # Drop two roots: dereference and collection run through the faults too.
     for n in (0, 1):
         (tmp_path / "gcroots" / f"r{n}").unlink()
@@ -103,7 +103,7 @@ def test_daemon_killed_at_random_points_loses_nothing_and_deletes_nothing_live(
     proxy.enabled = False
     daemon.start()
     wait_until(lambda: all(bucket.has_narinfo(p) for p in live), 60, "every live path after the restarts")
-    wait_until(lambda: {k.rsplit("/", 1)[1] for k in bucket.keys("gcroots/testhost/")}
+    wait_until(lambda: {k.rsplit("/", 1)[1] for k in bucket.gcinfos("gcroots/testhost/")}
                == {gcinfo_name(str(Path(f"{tmp_path}/r{n}").resolve())) for n in (1, 2)}, 60, "roots")  # fmt: skip
     assert daemon.stop() == 0
     assert dangling_narinfos(bucket) == []

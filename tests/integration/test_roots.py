@@ -70,7 +70,7 @@ def test_nix_build_out_link_is_published_with_exactly_its_closure(
     head = bucket.client.head_object(Bucket=bucket.name, Key=key)
     assert int(head["Metadata"]["closuresize"]) == info.nar_size > 0
     assert head["Metadata"]["paths"] == "3"
-    assert [k for k in bucket.keys(HOST)] == [key], "only this test's root is published"
+    assert [k for k in bucket.gcinfos(HOST)] == [key], "only this test's root is published"
     assert daemon.stop() == 0
 
 
@@ -93,7 +93,7 @@ def test_profile_generations_dereference_dry_run_trash_and_untrash(
 
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     keys = {HOST + gcinfo_name(p) for p in [*generations, result_root]}
-    wait_until(lambda: set(bucket.keys(HOST)) == keys, 20, "a gcinfo per generation and the out-link")
+    wait_until(lambda: set(bucket.gcinfos(HOST)) == keys, 20, "a gcinfo per generation and the out-link")
 
     subprocess.run(["nix-env", "-p", str(profiles / "p"), "--delete-generations", "1", "2"], check=True)
     (tmp_path / "result").unlink()
@@ -102,7 +102,7 @@ def test_profile_generations_dereference_dry_run_trash_and_untrash(
     dry = run_cli(config, "dereference", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert {ln.split()[2] for ln in dry.stdout.splitlines() if ln.startswith("would move")} == gone
-    assert set(bucket.keys(HOST)) == keys, "--dry-run moved something"
+    assert set(bucket.gcinfos(HOST)) == keys, "--dry-run moved something"
 
     status = run_cli(config, "roots")
     assert status.returncode == 0, status.stderr
@@ -111,7 +111,7 @@ def test_profile_generations_dereference_dry_run_trash_and_untrash(
 
     done = run_cli(config, "dereference")
     assert done.returncode == 0, done.stderr
-    assert set(bucket.keys(HOST)) == keys - gone
+    assert set(bucket.gcinfos(HOST)) == keys - gone
     assert set(bucket.keys(TRASH)) == {TRASH + k[len(HOST) :] for k in gone}
     again = run_cli(config, "dereference")
     assert "0 gcinfo(s) moved" in again.stdout and "'ListObjectsV2': 1}" in again.stdout, again.stdout
@@ -119,7 +119,7 @@ def test_profile_generations_dereference_dry_run_trash_and_untrash(
     # By hand: untrash one, trash the live one (by its store path).
     name = gcinfo_name(result_root)
     assert run_cli(config, "untrash", name).returncode == 0
-    assert HOST + name in bucket.keys(HOST)
+    assert HOST + name in bucket.gcinfos(HOST)
     assert run_cli(config, "trash", generations[2]).returncode == 0
     assert TRASH + gcinfo_name(generations[2]) in bucket.keys(TRASH)
     assert daemon.stop() == 0
@@ -140,12 +140,12 @@ def test_two_hosts_share_a_bucket_and_only_touch_their_own_folder(
         (tmp / "gcroots" / "result").symlink_to(tops[host])
         daemons[host] = Daemon(config, tmp / "daemon.log").start()
     for host in daemons:
-        wait_until(lambda h=host: bucket.keys(f"gcroots/{h}/"), 20, f"{host} published")
+        wait_until(lambda h=host: bucket.gcinfos(f"gcroots/{h}/"), 20, f"{host} published")
     (tmp_path / "alpha" / "gcroots" / "result").unlink()
     wait_until(lambda: bucket.keys("gctrash/alpha/"), 20, "alpha trashed its gone root")
     time.sleep(2)  # several more dereference cycles of both
-    assert bucket.keys("gcroots/alpha/") == []
-    assert bucket.keys("gcroots/beta/") == [f"gcroots/beta/{gcinfo_name(tops['beta'])}"]
+    assert bucket.gcinfos("gcroots/alpha/") == []
+    assert bucket.gcinfos("gcroots/beta/") == [f"gcroots/beta/{gcinfo_name(tops['beta'])}"]
     assert bucket.keys("gctrash/beta/") == []
     for d in daemons.values():
         assert d.stop() == 0
@@ -165,7 +165,7 @@ def test_a_burst_of_100_roots_costs_a_bounded_number_of_requests(
     daemon.wait_event("roots.published", 10)  # the initial (empty) cycle
     for i, p in enumerate(paths):
         (tmp_path / "gcroots" / f"r{i}").symlink_to(p)
-    wait_until(lambda: len(bucket.keys(HOST)) == 100, 30, "all 100 gcinfos")
+    wait_until(lambda: len(bucket.gcinfos(HOST)) == 100, 30, "all 100 gcinfos")
     cycles = [e for e in daemon.events("roots.published") if e["published"]]
     assert sum(e["published"] for e in cycles) == 100
     requests = sum(sum(e["requests"].values()) for e in cycles)
@@ -192,8 +192,8 @@ def test_junk_in_the_roots_dir_is_logged_and_skipped(
     top = nix_build(tmp_path)[-1]
     (gcroots / "good").symlink_to(top)
     daemon = Daemon(config, tmp_path / "daemon.log").start()
-    wait_until(lambda: bucket.keys(HOST), 20, "the good root published")
-    assert bucket.keys(HOST) == [HOST + gcinfo_name(top)]
+    wait_until(lambda: bucket.gcinfos(HOST), 20, "the good root published")
+    assert bucket.gcinfos(HOST) == [HOST + gcinfo_name(top)]
     (gcroots / "good-again").symlink_to(top)  # an event: one more scan, which must not log again
     daemon.wait_event("roots.published", 20, count=2)
     problems = " | ".join(e["problem"] for e in daemon.events("roots.skipped"))
@@ -223,14 +223,14 @@ def test_disabled_dereference_keep_and_exclude(tmp_path: Path, bucket: Bucket, s
     (gcroots / "skip-me").symlink_to(excluded)
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     expected = {HOST + gcinfo_name(kept), HOST + gcinfo_name(plain)}
-    wait_until(lambda: set(bucket.keys(HOST)) == expected, 20, "kept and plain published, excluded not")
+    wait_until(lambda: set(bucket.gcinfos(HOST)) == expected, 20, "kept and plain published, excluded not")
     (gcroots / "kept").unlink()
     (gcroots / "plain").unlink()
     time.sleep(3)  # dereference is disabled: nothing moves however long we wait
-    assert set(bucket.keys(HOST)) == expected and bucket.keys(TRASH) == []
+    assert set(bucket.gcinfos(HOST)) == expected and bucket.keys(TRASH) == []
     moved = run_cli(config, "dereference")
     assert moved.returncode == 0, moved.stderr
-    assert set(bucket.keys(HOST)) == {HOST + gcinfo_name(kept)}, "keep pins the root; plain is trashed"
+    assert set(bucket.gcinfos(HOST)) == {HOST + gcinfo_name(kept)}, "keep pins the root; plain is trashed"
     assert bucket.get(hash_part(excluded) + ".narinfo") is None, "an excluded root is never pushed"
     assert daemon.stop() == 0
 
@@ -246,7 +246,7 @@ def test_restart_republishes_nothing_unchanged(tmp_path: Path, bucket: Bucket, s
     for n in range(3):
         (tmp_path / "gcroots" / f"r{n}").symlink_to(nix_build(tmp_path, out=f"o{n}")[-1])
     daemon = Daemon(config, tmp_path / "daemon.log").start()
-    wait_until(lambda: len(bucket.keys(HOST)) == 3, 20, "3 gcinfos")
+    wait_until(lambda: len(bucket.gcinfos(HOST)) == 3, 20, "3 gcinfos")
     assert daemon.stop() == 0
     daemon.start()
     first = daemon.wait_event("roots.published", 20)[0]

@@ -39,7 +39,7 @@ def test_status_and_metrics_of_a_running_daemon(tmp_path: Path, bucket: Bucket, 
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, config))
     (tmp_path / "gcroots" / "app").symlink_to(closure[-1])
-    wait_until(lambda: bucket.keys("gcroots/testhost/"), 20, "published")
+    wait_until(lambda: bucket.gcinfos("gcroots/testhost/"), 20, "published")
     (tmp_path / "gcroots" / "app").unlink()
     wait_until(lambda: not bucket.has_narinfo(closure[-1]), 30, "collected")
     daemon.wait_event("gc.done", 10, count=3)
