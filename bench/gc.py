@@ -6,7 +6,8 @@ Objects are written straight into a fresh SeaweedFS (through its filer, which is
 S3 PUTs for setting up). Root i's closure is a window of `--closure` consecutive paths starting
 at i * (paths / roots), so roots share paths like real systems do. 20% of the roots are moved
 to the trash, then `nixcache gc` runs three times:
-  1. first run (cold gcinfo cache) — collects;
+  1. first run (cold gcinfo cache, and an empty narinfo index: every narinfo is downloaded
+     once, as a host's first collection does for narinfos other hosts wrote) — collects;
   2. nothing changed (the trash is now empty);
   3. 1% more roots trashed — the live gcinfos come from the local cache, only the new trash
      gcinfos are downloaded.
@@ -54,7 +55,7 @@ def closure(root: int, n_paths: int, n_roots: int, size: int) -> range:
     return range(start, min(start + size, n_paths))
 
 
-async def fill(filer: str, bucket: str, n_paths: int, concurrency: int = 48) -> None:
+async def fill(filer: str, bucket: str, n_paths: int, block: int, concurrency: int = 48) -> None:
     sem = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession() as http:
 
@@ -66,7 +67,13 @@ async def fill(filer: str, bucket: str, n_paths: int, concurrency: int = 48) -> 
         tasks = []
         for i in range(n_paths):
             h, nh = path_hash(i), nar_hash(i)
-            narinfo = f"StorePath: /nix/store/{h}-p{i}\nURL: nar/{nh}.nar.zst\nNarHash: sha256:{nh}\nNarSize: 4096\n"
+            # Path i references i-1 within blocks of `block` paths: every root's window (whole
+            # blocks) is closed under references, as a real closure is.
+            refs = f"{path_hash(i - 1)}-p{i - 1}" if i % block else ""
+            narinfo = (
+                f"StorePath: /nix/store/{h}-p{i}\nURL: nar/{nh}.nar.zst\nNarHash: sha256:{nh}\nNarSize: 4096\n"
+                f"References: {refs}\n"
+            )
             tasks.append(put(f"{h}.narinfo", narinfo.encode()))
             tasks.append(put(layout.nar_key(nh, "zstd"), os.urandom(256)))
             if len(tasks) >= 2000:
@@ -126,7 +133,7 @@ def main() -> None:
         s3.create_bucket(Bucket=bucket)
         print(f"writing {args.paths} narinfos + NARs…", file=sys.stderr)
         t = time.monotonic()
-        asyncio.run(fill(f"http://127.0.0.1:{weed.ports['filer']}", bucket, args.paths))
+        asyncio.run(fill(f"http://127.0.0.1:{weed.ports['filer']}", bucket, args.paths, args.paths // args.roots))
         print(f"  {time.monotonic() - t:.0f}s", file=sys.stderr)
         n_trash = int(args.roots * args.trashed)
         trashed = set(range(0, args.roots, args.roots // n_trash))  # spread over the bucket

@@ -240,14 +240,18 @@ class Collector:
         await self._prune_records()
 
     async def _delete(self, result: GcResult, held: lease.Lease, gone_paths: set[str], gone_nars: set[str]) -> None:
-        """Each batch completes before the next starts (separate requests): narinfos layer by
-        layer, referrers first, so no narinfo ever names a deleted one; then the NARs, so no
+        """Each batch completes before the next starts (separate requests): narinfos with
+        referrers first, so no narinfo that stays names a deleted one; then the NARs, so no
         narinfo names a deleted NAR; the trash gcinfos last, so a crash anywhere leaves the
         trash in place and the next collection redoes what is left. The lease is checked
         (renewed past half-life) before each batch. A batch counts as gone from the moment it
         is sent (``gone_*``: what the done record reports), in case it fails half-way."""
         plan = result.plan
-        phases = [*(("narinfos", layer) for layer in plan.narinfo_layers), ("nars", plan.nars), ("trash", plan.trash)]
+        # Referrers first, in requests of up to 1000 keys: one request per layer would keep
+        # the order inside a request too, at one request per level of the dead graph (a deep
+        # closure: dozens); a request cut short can only leave a dead narinfo whose dead
+        # reference went, and the next collection finishes it (docs/gc.md, rule 6).
+        phases = [("narinfos", plan.narinfos), ("nars", plan.nars), ("trash", plan.trash)]
         total = len(plan.objects())
         for phase, keys in phases:
             for start in range(0, len(keys), 1000):
