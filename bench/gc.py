@@ -5,9 +5,11 @@
 Objects are written straight into a fresh SeaweedFS (through its filer, which is faster than
 S3 PUTs for setting up). Root i's closure is a window of `--closure` consecutive paths starting
 at i * (paths / roots), so roots share paths like real systems do. 20% of the roots are moved
-to the trash, then `nixcache gc` runs three times:
-  1. first run (cold gcinfo cache, and an empty narinfo index: every narinfo is downloaded
-     once, as a host's first collection does for narinfos other hosts wrote) — collects;
+to the trash, then:
+  0. `nixcache gc --dry-run` with an empty narinfo index: every narinfo is downloaded once, as
+     a host's first collection does for the narinfos other hosts wrote (a one-time cost);
+  then `nixcache gc` runs three times:
+  1. first collection (index and gcinfo cache warmed by 0) — collects;
   2. nothing changed (the trash is now empty);
   3. 1% more roots trashed — the live gcinfos come from the local cache, only the new trash
      gcinfos are downloaded.
@@ -99,9 +101,9 @@ def seaweed_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
     return out
 
 
-def run_gc(config: Path) -> dict[str, object]:
+def run_gc(config: Path, *extra: str) -> dict[str, object]:
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "nixcache.cli", "gc", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "nixcache.cli", "gc", "--config", str(config), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     assert proc.stdout is not None
     out = proc.stdout.read().decode()
@@ -158,7 +160,7 @@ def main() -> None:
             "[gc]\ngrace_period = 0\n"
         )
         runs = {}
-        for label in ("first", "nothing_changed", "one_percent_more_trashed"):
+        for label in ("index_build_dry_run", "first", "nothing_changed", "one_percent_more_trashed"):
             if label == "one_percent_more_trashed":
                 more = [r for r in range(args.roots) if r not in trashed][: max(1, args.roots // 100)]
                 for r in more:
@@ -170,7 +172,7 @@ def main() -> None:
                     s3.delete_object(Bucket=bucket, Key=f"gcroots/{key}")
             before = seaweed_counts(weed, bucket)
             print(f"nixcache gc: {label}…", file=sys.stderr)
-            runs[label] = run_gc(config)
+            runs[label] = run_gc(config, *(["--dry-run"] if label == "index_build_dry_run" else []))
             time.sleep(2)
             runs[label]["seaweedfs_requests"] = dict(seaweed_counts(weed, bucket) - before)
         left = s3.list_objects_v2(Bucket=bucket, Prefix="gctrash/").get("KeyCount", 0)

@@ -162,8 +162,9 @@ class Tracker:
             tmp = self.state_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(self.state_file)
-        except OSError as e:
+        except OSError as e:  # said once; this process then keeps it in memory only
             log.warning("deletions.state_not_saved", path=str(self.state_file), error=e.strerror)
+            self.state_file = None
 
     @property
     def stale(self) -> bool:

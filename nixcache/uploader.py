@@ -271,7 +271,8 @@ class Uploader:
             try:
                 await asyncio.to_thread(self.index.record, layout.hash_part(info.path), text)
             except Exception as e:  # only a GET saved later: never fail an upload for it
-                log.warning("narindex.record_failed", error=repr(e))
+                log.warning("narindex.disabled", path=str(self.index.path), error=repr(e))
+                self.index = None  # e.g. state_dir not writable by this user: say it once
         self.known_present.add(info.path)
         result.uploaded += 1
         result.nar_bytes += nar.result.nar_size
