@@ -48,6 +48,8 @@ class Record:
     paths: frozenset[str] = frozenset()
     nar_hashes: frozenset[str] = frozenset()
     nar_keys: frozenset[str] = frozenset()
+    everything: bool = False
+    """An unreadable record: it may have deleted anything (when in doubt, check all)."""
 
     def render(self) -> bytes:
         body = {"id": self.id, "paths": sorted(self.paths), "nar_hashes": sorted(self.nar_hashes),
@@ -65,10 +67,13 @@ class Record:
                 frozenset(map(str, body["nar_keys"])),
             )
         except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as e:
-            raise NixcacheError(f"{what}: unreadable deletion record ({e})") from None
+            log.error("deletions.unreadable_record", record=what, error=str(e), then="checking every path it may cover")
+            return cls(what.rsplit("/", 1)[-1].split(".", 1)[0], everything=True)
 
     def hits(self, paths: Iterable[str], nar_keys: Iterable[str]) -> set[str]:
         """Which of these hash parts / NAR keys this record covers (pure)."""
+        if self.everything:
+            return {*paths, *nar_keys}
         out = {h for h in paths if h in self.paths}
         for key in nar_keys:
             digest = layout.hash_of_nar_key(key)
@@ -116,114 +121,111 @@ async def list_records(bucket: s3.S3) -> View:
     return view
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """Where a job starts from: the done records it may take as settled (done before it
+    began, known to this process), and when it began."""
+
+    ids: frozenset[str]
+    began: float
+
+
 class Tracker:
     """A host's view of the deletion records of one bucket.
 
-    ``seen`` holds the ids of the *done* records this host has processed; it is kept in
-    ``state_file`` so a restarted host still learns what it missed meanwhile. A host with no
-    such file (new) takes every existing record as seen: it has relied on nothing yet."""
+    A job (push, publish) takes as settled only the done records this *process* knew before
+    the job began; a new process knows none, so its first jobs check every retained record
+    (their contents are kept in ``cache_dir``: each is downloaded once per host, ever)."""
 
-    def __init__(self, bucket: s3.S3, state_file: Path | None, retention: float) -> None:
+    def __init__(self, bucket: s3.S3, cache_dir: Path | None, retention: float) -> None:
         self.bucket = bucket
-        self.state_file = state_file
+        self.cache_dir = cache_dir
         self.retention = retention
-        self.seen: set[str] | None = None
         self.done: dict[str, Record] = {}
-        """done records processed by this process, by id."""
+        """every done record listed, by id, learnt by this process."""
         self.open: dict[str, Record] = {}
         self.deleted: set[str] = set()
-        """hash parts deleted by collections learnt of, not yet taken by the publisher."""
+        """hash parts deleted by collections learnt of, not yet re-checked by the publisher."""
         self.doubtful: set[str] = set()
         """hash parts deleted or announced for deletion, not yet evicted from a presence cache."""
+        self.epoch = 0
+        """bumped whenever a record is learnt: a presence answer obtained across a bump is not
+        cached (the record may have been learnt, and evicted, while the answer was on its way)."""
         self.last_listed = 0.0
         self._lock = asyncio.Lock()
 
-    def _load(self) -> set[str] | None:
-        if self.state_file is None:
-            return None
-        try:
-            data = json.loads(self.state_file.read_text())
-            ids = data.get(self.bucket.bucket) if isinstance(data, dict) else None
-            return {str(x) for x in ids} if isinstance(ids, list) else None
-        except (OSError, ValueError):
-            return None
-
-    def _save(self) -> None:
-        if self.state_file is None or self.seen is None:
-            return
-        try:
-            data = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        data[self.bucket.bucket] = sorted(self.seen)
-        try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.state_file)
-        except OSError as e:  # said once; this process then keeps it in memory only
-            log.warning("deletions.state_not_saved", path=str(self.state_file), error=e.strerror)
-            self.state_file = None
-
     @property
     def stale(self) -> bool:
-        """True if this host may have missed records (not listed for half the retention):
+        """True if this process may have missed records (not listed for half the retention):
         whatever it believes present must be asked again."""
         return time.time() - self.last_listed > self.retention / 2
 
-    async def start(self) -> set[str]:
-        """Load (or, for a new host, prime) what was seen; return the ids now settled: what
-        a job starting now need not worry about."""
-        if self.seen is None:
-            saved = await asyncio.to_thread(self._load)
-            if saved is None:
-                await self.refresh()
-            else:
-                self.seen = saved
-        return set(self.seen or ())
+    def baseline(self) -> Baseline:
+        return Baseline(frozenset(self.done), time.time())
 
-    async def refresh(self) -> tuple[list[Record], dict[str, Record]]:
-        """LIST the records; GET the new ones. Returns (done records not processed before,
-        every open record). One LIST when nothing happened."""
+    def _read_cached(self, rid: str) -> bytes | None:
+        if self.cache_dir is None:
+            return None
+        try:
+            return (self.cache_dir / f"{rid}{DONE}").read_bytes()
+        except OSError:
+            return None
+
+    def _write_cached(self, rid: str, data: bytes, listed: set[str]) -> None:
+        if self.cache_dir is None:
+            return
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_dir / f"{rid}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(self.cache_dir / f"{rid}{DONE}")
+            for f in self.cache_dir.iterdir():
+                if f.name.endswith(DONE) and f.name[: -len(DONE)] not in listed:
+                    f.unlink(missing_ok=True)  # pruned from the bucket
+        except OSError as e:  # said once; this process then downloads what it needs
+            log.warning("deletions.cache_not_written", path=str(self.cache_dir), error=e.strerror)
+            self.cache_dir = None
+
+    def _learn(self, record: Record, done: bool) -> None:
+        self.epoch += 1
+        self.doubtful |= record.paths
+        if done:
+            self.done[record.id] = record
+            self.deleted |= record.paths
+
+    async def refresh(self) -> dict[str, Record]:
+        """LIST the records; learn the new ones (a done record from the local cache, else one
+        GET). Returns every open record. One LIST when nothing happened."""
         async with self._lock:
             listed_at = time.time()
             view = await list_records(self.bucket)
-            primed = False
-            if self.seen is None:
-                saved = await asyncio.to_thread(self._load)
-                self.seen, primed = (saved, False) if saved is not None else (set(view.done), True)
-            fresh: list[Record] = []
-            for rid in sorted(view.done - self.seen):
-                data = await self.bucket.get(done_key(rid))
+            new_done = sorted(view.done - set(self.done))
+            for rid in new_done:
+                data = await asyncio.to_thread(self._read_cached, rid)
                 if data is None:
-                    continue  # pruned meanwhile
-                record = Record.parse(data, done_key(rid))
-                fresh.append(record)
-                self.done[rid] = record
-                self.deleted |= record.paths
-                self.doubtful |= record.paths
+                    data = await self.bucket.get(done_key(rid))
+                    if data is None:
+                        continue  # pruned meanwhile
+                    await asyncio.to_thread(self._write_cached, rid, data, view.done)
+                self._learn(Record.parse(data, done_key(rid)), done=True)
             for rid in sorted(view.open - set(self.open)):
                 data = await self.bucket.get(open_key(rid))
                 if data is not None:
                     self.open[rid] = Record.parse(data, open_key(rid))
-                    self.doubtful |= self.open[rid].paths
+                    self._learn(self.open[rid], done=False)
             self.open = {rid: r for rid, r in self.open.items() if rid in view.open}
             self.done = {rid: r for rid, r in self.done.items() if rid in view.done}
-            if primed or fresh or not (self.seen <= view.done):
-                self.seen = (self.seen & view.done) | {r.id for r in fresh}
-                await asyncio.to_thread(self._save)
             self.last_listed = listed_at
-            if fresh:
-                log.info("deletions.learnt", records=[r.id for r in fresh],
-                         paths=sum(len(r.paths) for r in fresh))  # fmt: skip
-            return fresh, dict(self.open)
+            if new_done:
+                log.info("deletions.learnt", records=len(new_done), paths=sum(len(self.done[r].paths)
+                         for r in new_done if r in self.done))  # fmt: skip
+            return dict(self.open)
 
     async def wait_done(self, rid: str, announced: Record, poll: float = 2.0, patience: float = 120.0) -> Record:
-        """Wait until the collection ``rid`` is done — or abandoned (its lease gone, or
-        expired by our clock with a margin): then it deletes nothing more, and everything
-        it announced is taken as deleted. Past ``patience`` seconds, raise: the job is
-        retried later (a daemon's path stays pending) rather than holding a worker."""
+        """Wait until the collection ``rid`` is done — or abandoned (its lease gone, taken
+        over, or expired by our clock with a margin): then it deletes nothing more, and
+        everything it announced is taken as deleted. Past ``patience`` seconds, raise: the
+        job is retried later (a daemon's path stays pending) rather than holding a worker."""
         deadline = time.monotonic() + patience
         while True:
             data = await self.bucket.get(done_key(rid))
@@ -241,30 +243,35 @@ class Tracker:
             log.info("deletions.waiting_for_collection", record=rid, holder=lease.holder)
             await asyncio.sleep(poll)
 
-    async def conflicts(self, settled: set[str], paths: set[str], nar_keys: set[str]) -> tuple[set[str], set[str]]:
+    async def conflicts(self, base: Baseline, paths: set[str], nar_keys: set[str]) -> tuple[set[str], Baseline]:
         """After a job's writes: which of ``paths`` (hash parts) and ``nar_keys`` it wrote or
-        relied on a collection may have deleted — one that was not done (``settled``) when
-        the job started. Waits for open collections that cover any of them. Returns (hits,
-        the ids of every collection now settled for this job)."""
-        _, open_now = await self.refresh()
+        relied on a collection may have deleted — one not settled in ``base``. Waits for
+        open collections that cover any of them. Returns (hits, the baseline once they are
+        repaired). A job that ran longer than half the retention may have missed pruned
+        records: everything is a hit."""
+        open_now = await self.refresh()
+        if time.time() - base.began > self.retention / 2:
+            log.warning("deletions.job_outlived_retention", then="checking every path")
+            return {*paths, *nar_keys}, Baseline(frozenset(self.done), time.time())
         hits: set[str] = set()
-        now_settled = set(settled) | set(self.done)
+        settled = set(base.ids) | set(self.done)
         for rid, record in self.done.items():
-            if rid not in settled:
+            if rid not in base.ids:
                 hits |= record.hits(paths, nar_keys)
         for rid, announced in open_now.items():
-            if announced.hits(paths, nar_keys):
+            if rid not in base.ids and announced.hits(paths, nar_keys):
                 hits |= (await self.wait_done(rid, announced)).hits(paths, nar_keys)
-                now_settled.add(rid)
-        return hits, now_settled
+                settled.add(rid)
+        return hits, Baseline(frozenset(settled), base.began)
 
     def adopt(self, old: Tracker) -> None:
         """Take over what ``old`` (the same bucket, through a client closed on reload) knew."""
-        self.seen, self.done, self.open = old.seen, old.done, old.open
-        self.deleted, self.doubtful, self.last_listed = old.deleted, old.doubtful, old.last_listed
+        self.done, self.open, self.deleted = old.done, old.open, old.deleted
+        self.doubtful, self.epoch, self.last_listed = old.doubtful, old.epoch, old.last_listed
 
     def learn(self, paths: set[str]) -> None:
         """This process deleted ``paths`` itself (its own collection)."""
+        self.epoch += 1
         self.deleted |= paths
         self.doubtful |= paths
 

@@ -118,6 +118,7 @@ class Collector:
         self.index = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
         self.progress = progress
         self._live_etags: set[str] = set()
+        self._trash_mtimes: dict[str, float] = {}
 
     async def read_gcinfos(self, objs: dict[str, Obj]) -> dict[str, Gcinfo]:
         out = {}
@@ -145,7 +146,7 @@ class Collector:
     def _plan(self, trash: dict[str, Gcinfo], state: State, residual_age: float | None) -> Plan:
         return plan_collection(
             trash, state.live, state.narinfos, state.edges, state.nars, time.time(), self.cfg.gc.grace_period,
-            residual_age,
+            residual_age, self._trash_mtimes,
         )  # fmt: skip
 
     async def collect(
@@ -191,6 +192,7 @@ class Collector:
                 result.skipped = f"lease held by {got}"
                 return
             held = got
+        self._trash_mtimes = {k: o.mtime for k, o in trash_objs.items()}
         try:
             trash = await self.read_gcinfos(trash_objs)
             if dry_run:
@@ -223,6 +225,7 @@ class Collector:
             result.plan = Plan(trash=sorted(trash))
             await self._delete(result, held, set(), set())
             return
+        await self._tidy_records()
         known = await asyncio.to_thread(self.index.urls, paths)  # NARs named otherwise than by narHash
         announced = Record(rid, frozenset(paths), frozenset(nar_hashes), frozenset(nar_keys | known))
         await self.bucket.put(deletions.open_key(rid), announced.render(), "application/gzip")
@@ -237,7 +240,6 @@ class Collector:
             done = Record(rid, frozenset(gone_paths), frozenset(), frozenset(gone_nars))
             await self.bucket.put(deletions.done_key(rid), done.render(), "application/gzip")
             result.record = rid
-        await self._prune_records()
 
     async def _delete(self, result: GcResult, held: lease.Lease, gone_paths: set[str], gone_nars: set[str]) -> None:
         """Each batch completes before the next starts (separate requests): narinfos with
@@ -266,12 +268,24 @@ class Collector:
                 self.progress(f"deleting {phase}", result.deleted, total)
                 log.info("gc.deleted_batch", phase=phase, objects=len(batch), deleted=result.deleted)
 
-    async def _prune_records(self) -> None:
-        """Deletion records older than gc.record_retention go (one LIST, a DELETE if any)."""
+    async def _tidy_records(self) -> None:
+        """With the lease held, before announcing: close the records of collections that
+        died open (their collector no longer holds the lease, so it deletes nothing more:
+        what it announced is recorded as deleted, and hosts check it), and delete records
+        older than gc.record_retention. One LIST; a GET and a PUT per dead collection."""
+        objs = await listing(self.bucket, deletions.PREFIX)
+        done = {k[: -len(deletions.DONE)] for k in objs if k.endswith(deletions.DONE)}
+        for key in sorted(objs):
+            rid = key[len(deletions.PREFIX) : -len(deletions.OPEN)]
+            if key.endswith(deletions.OPEN) and key[: -len(deletions.OPEN)] not in done:
+                data = await self.bucket.get(key)
+                if data is not None:
+                    await self.bucket.put(deletions.done_key(rid), data, "application/gzip")
+                    log.warning("gc.closed_abandoned_record", record=rid)
         old = time.time() - self.cfg.gc.record_retention
-        keys = [o.key for o in (await listing(self.bucket, deletions.PREFIX)).values() if o.mtime < old]
-        if keys:
-            await self.bucket.delete_many(keys)
+        stale = [o.key for o in objs.values() if o.mtime < old]
+        if stale:
+            await self.bucket.delete_many(stale)
 
 
 def restrict(plan: Plan, announced: Record) -> Plan:

@@ -49,6 +49,8 @@ class Edges:
 
 
 UNREADABLE = Edges(None)
+MOVE_WINDOW = 600.0
+"""A trash gcinfo whose twin is still in gcroots/ and younger than this is being moved."""
 
 
 @dataclass
@@ -131,13 +133,15 @@ def plan_collection(
     now: float,
     grace: float,
     residual_age: float | None = None,
+    trash_mtimes: Mapping[str, float] | None = None,
 ) -> Plan:
     """What one collection deletes (pure).
 
     ``narinfos``: every narinfo in the bucket, by hash part; ``edges``: what each says (a
     narinfo missing from it is treated as unreadable); ``nars``: every object under ``nar/``,
     by key. With ``residual_age``, old narinfos no live gcinfo lists are candidates too, and
-    old NARs no narinfo names. Raises UnsafeToCollect when a narinfo that stays cannot be read.
+    old NARs no narinfo names. ``trash_mtimes``: when each trash gcinfo was written (rule 8).
+    Raises UnsafeToCollect when a narinfo that stays cannot be read.
     """
     plan = Plan()
     live_members = {m.hash_part for g in live.values() for m in g.members}
@@ -168,14 +172,12 @@ def plan_collection(
 
     # A candidate referenced by a narinfo that stays, stays too — and so do its references.
     todo = [h for h in narinfos if h not in doomed]
+    unreadable: list[str] = []
     while todo:
         h = todo.pop()
         e = edges.get(h, UNREADABLE)
-        if e.url is None and doomed:
-            raise UnsafeToCollect(
-                f"{narinfos[h].key}: unreadable narinfo (what it references is unknown); nothing deleted. "
-                "Fix or delete it by hand (`nixcache verify` lists it)"
-            )
+        if e.url is None:
+            unreadable.append(narinfos[h].key)
         for r in e.refs:
             if r in doomed:
                 doomed.discard(r)
@@ -211,12 +213,20 @@ def plan_collection(
                 plan.nars.append(key)
                 plan.residual.add(key)
                 plan.bytes += nar.size
+    if unreadable and (doomed or plan.nars):
+        # It could reference any path and name any NAR: when in doubt, keep everything.
+        raise UnsafeToCollect(
+            f"{min(unreadable)}: unreadable narinfo (what it references and which NAR it names are unknown); "
+            "nothing deleted. Fix or delete it by hand (`nixcache verify` lists it)"
+        )
     # A trash gcinfo goes once none of its members is kept for being young (a later
     # collection decides on those). One whose twin is still in gcroots/ is being moved right
     # now (dereference copies, then deletes): its members looked live only because of that
     # twin, so it stays for next time.
+    # A trash copy older than a move takes, with a live twin, is a root that came back: it goes.
     for key, g in sorted(trash.items()):
         twin = layout.ROOTS_PREFIX + key[len(layout.TRASH_PREFIX) :]
-        if not any(m.hash_part in kept_young for m in g.members) and twin not in live:
+        moving = twin in live and now - (trash_mtimes or {}).get(key, now) < MOVE_WINDOW
+        if not any(m.hash_part in kept_young for m in g.members) and not moving:
             plan.trash.append(key)
     return plan

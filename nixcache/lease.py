@@ -111,9 +111,10 @@ PROBE = "gc/probe"
 
 
 async def conditional_writes(bucket: s3.S3, cache: Path | None) -> bool:
-    """Does the provider honour ``If-None-Match`` and ``If-Match`` on PutObject? Asked once
-    per bucket (three PUTs; the answer is kept in ``cache``): a conditional PUT that must
-    fail either fails (honoured) or succeeds (ignored)."""
+    """Does the provider honour ``If-None-Match`` and ``If-Match`` on PutObject, and
+    ``If-Match`` on DeleteObject? Asked once per bucket (three PUTs and a DELETE; the answer
+    is kept in ``cache``): a conditional request that must fail either fails (honoured) or
+    succeeds (ignored)."""
     where = f"{bucket.cfg.endpoint or 'aws'} {bucket.bucket}"
     known = await asyncio.to_thread(_read_json, cache) if cache is not None else {}
     if isinstance(known.get(where), bool):
@@ -124,6 +125,8 @@ async def conditional_writes(bucket: s3.S3, cache: Path | None) -> bool:
         honoured = (
             await bucket.put_if(PROBE, b"must not be written\n", none_match=True) is None
             and await bucket.put_if(PROBE, b"must not be written\n", match=wrong_etag) is None
+            # the lease is released with a conditional DELETE: a successor's must survive it
+            and not await bucket.delete_if(PROBE, wrong_etag)
         )
     except NixcacheError as e:  # e.g. 501 NotImplemented: not honoured either
         log.warning("s3.conditional_write_error", error=str(e))

@@ -10,14 +10,18 @@ recorded as they are written (their ETag is the MD5 of their text), so they cost
 from __future__ import annotations
 
 import asyncio
+import bz2
 import contextlib
+import gzip
 import hashlib
+import lzma
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from nixcache import s3
+from nixcache.errors import NixcacheError
 from nixcache.gcplan import UNREADABLE, Edges, Obj
 from nixcache.logs import get
 from nixcache.narinfo import NarInfo, NarInfoError
@@ -28,10 +32,23 @@ GET_CONCURRENCY = 32
 SCHEMA = "CREATE TABLE IF NOT EXISTS narinfo (hash TEXT PRIMARY KEY, etag TEXT NOT NULL, url TEXT, refs TEXT)"
 
 
+def decoded(data: bytes) -> bytes:
+    """A narinfo as Nix's S3 store may write it (``narinfo-compression``: stored compressed,
+    with a Content-Encoding that HTTP clients undo) → its text."""
+    for magic, decompress in ((b"\xfd7zXZ\x00", lzma.decompress), (b"\x1f\x8b", gzip.decompress),
+                              (b"BZh", bz2.decompress)):  # fmt: skip
+        if data.startswith(magic):
+            try:
+                return decompress(data)
+            except (OSError, EOFError, ValueError, lzma.LZMAError):
+                return data
+    return data
+
+
 def edges_of(hash_part: str, text: bytes) -> Edges:
     """What a narinfo's text says (pure); UNREADABLE if it does not parse."""
     try:
-        info = NarInfo.parse(text.decode("utf-8"))
+        info = NarInfo.parse(decoded(text).decode("utf-8"))
     except (NarInfoError, UnicodeDecodeError):
         return UNREADABLE
     refs = tuple(sorted({r.split("-", 1)[0] for r in info.references} - {hash_part}))
@@ -53,13 +70,18 @@ class NarIndex:
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as e:
+            raise NixcacheError(f"{self.path}: cannot open the narinfo index ({e})") from None
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(SCHEMA)
             with db:
                 yield db
+        except sqlite3.Error as e:  # e.g. read-only, or corrupt: safe to delete, it is rebuilt
+            raise NixcacheError(f"{self.path}: narinfo index: {e} (deleting it is safe: it is rebuilt)") from None
         finally:
             db.close()
 

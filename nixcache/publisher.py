@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from nixcache import layout, s3, store
 from nixcache.config import Config
+from nixcache.deletions import Baseline
 from nixcache.errors import NixcacheError
 from nixcache.gcinfo import Gcinfo, Member, etag_of
 from nixcache.logs import get
@@ -139,16 +140,19 @@ class Publisher:
             out[root] = (info, info.render())
         return out
 
-    async def publish(self, uploader: Uploader, roots: dict[str, Root]) -> CycleResult:
+    async def publish(self, uploader: Uploader, roots: dict[str, Root], learn: bool = False) -> CycleResult:
         """Publish every root whose gcinfo is missing or different (or whose closure a
         collection touched): push closures first, check the deletion records, write the
-        gcinfos, check again (docs/gc.md, rules 1 and 9)."""
+        gcinfos, check again (docs/gc.md, rules 1 and 9). With ``learn``, LIST the deletion
+        records first (a new process: the daemon learns them in its dereference cycle)."""
         started = time.monotonic()
         result = CycleResult()
         bucket = uploader.s3
         with s3.job_requests() as counter:
             remote = self.remote if self.remote is not None else await self.list_remote(bucket)
-            settled = await uploader.begin()
+            if learn:
+                await uploader.records.refresh()
+            base = uploader.begin()
             touched = uploader.records.take_deleted()
             try:
                 wanted = await self.gcinfos(roots)
@@ -160,11 +164,11 @@ class Publisher:
                     else:
                         changed[root] = (key, info, data)
                 written = PushResult(sorted(changed))
-                pushed = await self._push(uploader, sorted(changed), settled, result, written)
+                pushed = await self._push(uploader, sorted(changed), base, result, written)
                 if pushed:
                     # The closures are checked against every collection before any gcinfo names
                     # them, and once more after, for a collection that ran while we wrote.
-                    settled = await uploader.settle(sorted(pushed), settled, written)
+                    base = await uploader.settle(sorted(pushed), base, written)
                     for root in sorted(pushed):
                         key, info, data = changed[root]
                         if remote.get(key) == etag_of(data):
@@ -181,7 +185,7 @@ class Publisher:
                         log.info(
                             "gcinfo.published", root=root, key=key, paths=len(info.members), nar_bytes=info.nar_size
                         )
-                    await uploader.settle(sorted(pushed), settled, written)
+                    await uploader.settle(sorted(pushed), base, written)
             except BaseException:
                 uploader.records.deleted |= touched  # not re-checked yet: next round
                 raise
@@ -192,7 +196,7 @@ class Publisher:
         return result
 
     async def _push(
-        self, uploader: Uploader, roots: list[str], settled: set[str], result: CycleResult, written: PushResult
+        self, uploader: Uploader, roots: list[str], base: Baseline, result: CycleResult, written: PushResult
     ) -> set[str]:
         """One push for all roots: one presence check (a LIST when cheaper) for the union of
         their closures. If it fails, push root by root to find out which. ``written``
@@ -200,13 +204,13 @@ class Publisher:
         if not roots:
             return set()  # nothing changed: no request at all
         try:
-            written.nar_keys |= (await uploader.push(roots, settled)).nar_keys
+            written.nar_keys |= (await uploader.push(roots, base)).nar_keys
             return set(roots)
         except NixcacheError:
             pushed = set()
             for root in roots:
                 try:
-                    written.nar_keys |= (await uploader.push([root], settled)).nar_keys
+                    written.nar_keys |= (await uploader.push([root], base)).nar_keys
                     pushed.add(root)
                 except NixcacheError as e:
                     result.failed[root] = str(e)

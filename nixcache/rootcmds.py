@@ -46,7 +46,7 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
 async def publish(cfg: Config) -> CycleResult:
     selected, _ = local_roots(cfg)
     async with S3(cfg.s3) as bucket:
-        return await Publisher(cfg).publish(Uploader(cfg, bucket, load_signing_key(cfg)), selected)
+        return await Publisher(cfg).publish(Uploader(cfg, bucket, load_signing_key(cfg)), selected, learn=True)
 
 
 async def dereference(cfg: Config, dry_run: bool) -> CycleResult:

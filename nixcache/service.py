@@ -518,6 +518,8 @@ class Service:
             else:
                 self.publisher.remote = None  # another bucket: its gcinfos are listed afresh
             self._background_task(old.close())
+        if cfg.hostname != self.cfg.hostname:
+            self.publisher = Publisher(cfg)  # another folder in the bucket: listed (and claimed) afresh
         self.cfg = cfg
         self.publisher.cfg = cfg
         self._spawn_workers()

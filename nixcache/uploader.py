@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from nixcache import layout, s3, store
 from nixcache.config import Config
-from nixcache.deletions import Tracker
+from nixcache.deletions import Baseline, Tracker
 from nixcache.errors import S3Error
 from nixcache.logs import get
 from nixcache.nar import NarStream
@@ -121,7 +121,8 @@ class Uploader:
         self.s3 = bucket
         self.key = key
         self.known_present: set[str] = set()
-        self.records = Tracker(bucket, cfg.state_dir / "deletion-records.json", cfg.gc.record_retention)
+        self.records = Tracker(bucket, cfg.state_dir / "deletion-records", cfg.gc.record_retention)
+        self._retry_base: dict[tuple[str, ...], Baseline] = {}
         self.index: NarIndex | None = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
         """where narinfos this host writes are recorded for its collector (saves a GET each)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
@@ -139,26 +140,31 @@ class Uploader:
                 await self.s3.put(layout.CACHE_INFO, text.encode(), "text/x-nix-cache-info")
             self._cache_info_written = True
 
-    async def _filter_present(self, paths: list[str]) -> None:
-        """Learn which of ``paths`` have a narinfo in the bucket, as cheaply as possible:
-        one LIST page answers up to 1000 paths at once, so list the bucket's top level when
-        that costs less than a HEAD per path; otherwise (or if the listing turns out
-        longer than that budget) ask with HEADs."""
+    async def _filter_present(self, paths: list[str]) -> set[str]:
+        """Which of ``paths`` have a narinfo in the bucket, asked as cheaply as possible: one
+        LIST page answers up to 1000 paths at once, so list the bucket's top level when that
+        costs less than a HEAD per path; otherwise (or if the listing turns out longer than
+        that budget) ask with HEADs. The answers are remembered only if no deletion record
+        was learnt meanwhile (it could have been evicted before the answer arrived)."""
+        epoch = self.records.epoch
+        present: set[str] = set()
         budget = list_budget(len(paths))
-        if budget:
-            names = await self.s3.list_names("", budget)
-            if names is not None:
-                listed = set(names)
-                self.known_present.update(p for p in paths if layout.narinfo_key(p) in listed)
-                return
-        sem = asyncio.Semaphore(HEAD_CONCURRENCY)
+        names = await self.s3.list_names("", budget) if budget else None
+        if names is not None:
+            listed = set(names)
+            present = {p for p in paths if layout.narinfo_key(p) in listed}
+        else:
+            sem = asyncio.Semaphore(HEAD_CONCURRENCY)
 
-        async def check(path: str) -> None:
-            async with sem:
-                if await self.s3.exists(layout.narinfo_key(path)):
-                    self.known_present.add(path)
+            async def check(path: str) -> None:
+                async with sem:
+                    if await self.s3.exists(layout.narinfo_key(path)):
+                        present.add(path)
 
-        await asyncio.gather(*(check(p) for p in paths))
+            await asyncio.gather(*(check(p) for p in paths))
+        if self.records.epoch == epoch:
+            self.known_present |= present
+        return present
 
     def forget(self) -> None:
         """Evict from ``known_present`` what a collection deleted or may be deleting; all of
@@ -169,51 +175,77 @@ class Uploader:
         elif doubtful:
             self.known_present = {p for p in self.known_present if layout.hash_part(p) not in doubtful}
 
-    async def begin(self) -> set[str]:
-        """Start a job that writes to the bucket: the deletion records settled by now."""
-        settled = await self.records.start()
+    def begin(self) -> Baseline:
+        """Start a job that writes to the bucket: the deletion records it may take as settled."""
         self.forget()
-        return settled
+        return self.records.baseline()
 
-    async def push(self, roots: list[str], settled: set[str] | None = None) -> PushResult:
+    async def push(self, roots: list[str], base: Baseline | None = None) -> PushResult:
         """Make sure the closure of ``roots`` is in the bucket; raise if any path failed.
 
-        Without ``settled``, the push ends by checking the deletion records and repairing
-        what a collection took meanwhile (:meth:`settle`); with it, the caller settles."""
+        Without ``base``, the push ends by checking the deletion records and repairing what
+        a collection took meanwhile (:meth:`settle`); with it, the caller settles. A push
+        that failed leaves its baseline for its retry, which then checks every collection
+        since the first attempt (which may have written narinfos it never checked)."""
         started = time.monotonic()
         result = PushResult(roots=list(roots))
+        key = tuple(sorted(roots))
+        own = base is None
+        if base is None:
+            base = self._retry_base.pop(key, None) or self.begin()
         with s3.job_requests() as counter:
-            own = settled is None
-            settled = await self.begin() if settled is None else settled
-            infos = await self._push(roots, result, set())
-            if own:
-                await self.settle(roots, settled, result, infos)
-            result.requests = counter
+            try:
+                infos = await self._push(roots, result, set())
+                if own:
+                    await self.settle(roots, base, result, infos)
+            except BaseException:
+                if own:
+                    self._retry_base[key] = base
+                raise
+            finally:
+                result.requests = counter
         result.seconds = time.monotonic() - started
         return result
 
     async def settle(
-        self, roots: list[str], settled: set[str], result: PushResult, infos: dict[str, PathInfo] | None = None
-    ) -> set[str]:
+        self, roots: list[str], base: Baseline, result: PushResult, infos: dict[str, PathInfo] | None = None
+    ) -> Baseline:
         """After a job's writes (narinfos, a gcinfo): LIST the deletion records; for any
-        collection not settled when the job began that deleted what the closure of ``roots``
-        needs — a path it relied on, a NAR it wrote — upload that again, and check again.
-        Returns the collections now settled for this job."""
+        collection not settled in ``base`` that deleted what the closure of ``roots`` needs —
+        a narinfo, or a NAR under the name this host gives it — ask the bucket (HEAD) and
+        upload again what is missing; check again. Returns the baseline once settled."""
         infos = infos if infos is not None else await store.closure(roots)
         upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
         by_hash = {layout.hash_part(p): p for p in infos if p not in upstream}
         nar_owner = {layout.nar_key(infos[p].nar_hash_nix32, self.cfg.upload.compression): p for p in by_hash.values()}
         for _ in range(self.MAX_REPAIRS):
-            hits, settled = await self.records.conflicts(settled, set(by_hash), set(nar_owner) & result.nar_keys)
+            hits, base = await self.records.conflicts(base, set(by_hash), set(nar_owner))
             self.forget()
             if not hits:
-                return settled
-            force = {by_hash.get(h) or nar_owner[h] for h in hits}
-            log.warning("push.repairing", paths=len(force), roots=roots[:3])
+                return base
+            suspects = {by_hash[h] for h in hits if h in by_hash}
+            missing = await self._missing(suspects, {k for k in hits if k in nar_owner})
+            force = {nar_owner.get(m, m) for m in missing}
+            log.warning("push.repairing", checked=len(hits), missing=len(force), roots=roots[:3])
             self.known_present -= force
+            if not force:
+                continue
             result.repaired += len(force)
             await self._push(roots, result, force)
         raise S3Error(f"the bucket kept changing under this push of {roots[0]}; it will be retried")
+
+    async def _missing(self, paths: set[str], nar_keys: set[str]) -> set[str]:
+        """Which of these paths have no narinfo, and which of these NAR keys no object (HEADs)."""
+        sem = asyncio.Semaphore(HEAD_CONCURRENCY)
+        out: set[str] = set()
+
+        async def check(item: str, key: str) -> None:
+            async with sem:
+                if not await self.s3.exists(key):
+                    out.add(item)
+
+        await asyncio.gather(*(check(p, layout.narinfo_key(p)) for p in paths), *(check(k, k) for k in nar_keys))
+        return out
 
     async def _push(self, roots: list[str], result: PushResult, force: set[str]) -> dict[str, PathInfo]:
         """Upload what of the closure of ``roots`` is missing (and ``force``, even if present)."""
@@ -221,8 +253,8 @@ class Uploader:
         infos = await store.closure(roots)
         upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
         unknown = [p for p in infos if p not in upstream and p not in self.known_present and p not in force]
-        await self._filter_present(unknown)
-        skip = (upstream | self.known_present) - force
+        present = await self._filter_present(unknown)
+        skip = (upstream | self.known_present | present) - force
         todo = upload_order(infos, skip)
         if not force:
             result.closure, result.upstream = len(infos), len(upstream)
@@ -253,6 +285,7 @@ class Uploader:
         comp = self.cfg.upload.compression
         url = layout.nar_key(info.nar_hash_nix32, comp)
         started = time.monotonic()
+        epoch = self.records.epoch
         with s3.job_requests() as counter:
             async with self._transfers:
                 nar = NarStream(info, comp, self.cfg.upload.level())
@@ -273,7 +306,8 @@ class Uploader:
             except Exception as e:  # only a GET saved later: never fail an upload for it
                 log.warning("narindex.disabled", path=str(self.index.path), error=repr(e))
                 self.index = None  # e.g. state_dir not writable by this user: say it once
-        self.known_present.add(info.path)
+        if self.records.epoch == epoch:  # else a collection was learnt meanwhile: ask next time
+            self.known_present.add(info.path)
         result.uploaded += 1
         result.nar_bytes += nar.result.nar_size
         result.file_bytes += nar.result.file_size

@@ -136,6 +136,12 @@ def test_an_unreadable_narinfo_that_stays_stops_the_collection() -> None:
         b.plan({"gctrash/b/t": g(member(1))}, {})
     b.edges[h(1)], b.edges[h(2)] = UNREADABLE, Edges(nar(2))  # a doomed one unreadable: fine
     assert b.plan({"gctrash/b/t": g(member(1))}, {}).narinfos == [f"{h(1)}.narinfo"]
+    # Residual with nothing doomed would still sweep NARs: the unreadable one may name any.
+    c = Bucket(3)
+    c.add(1, url="nar/" + "7" * 52 + ".nar.xz")
+    c.edges[h(1)] = UNREADABLE
+    with pytest.raises(UnsafeToCollect):
+        c.plan({}, {"gcroots/a/l": g(member(1, known=False), member(3))}, residual=DAY)
 
 
 def test_residual_keeps_live_young_referenced_and_what_stays_names() -> None:
@@ -158,6 +164,10 @@ def test_a_trash_gcinfo_caught_mid_move_is_kept_for_the_next_run() -> None:
     assert b.plan({"gctrash/h/x": g(member(1))}, {"gcroots/h/x": g(member(1))}).objects() == []
     after = b.plan({"gctrash/h/x": g(member(1))}, {})
     assert after.trash == ["gctrash/h/x"] and after.narinfos == [f"{h(1)}.narinfo"]
+    # …but a trash copy older than any move, beside its live twin, is a root that came back.
+    back = plan_collection({"gctrash/h/x": g(member(1))}, {"gcroots/h/x": g(member(1))}, b.narinfos, b.edges,
+                           b.nars, NOW, DAY, None, {"gctrash/h/x": NOW - 3600})  # fmt: skip
+    assert back.objects() == ["gctrash/h/x"]
 
 
 def test_two_dead_paths_sharing_a_nar_delete_and_count_it_once() -> None:
