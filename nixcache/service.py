@@ -23,7 +23,7 @@ from nixcache.journal import Journal, write_atomic
 from nixcache.logs import get
 from nixcache.metrics import Metrics
 from nixcache.publisher import CycleResult, Publisher
-from nixcache.s3 import REQUESTS, S3
+from nixcache.s3 import REQUESTS, S3, job_requests
 from nixcache.uploader import Uploader
 
 log = get("nixcache.service")
@@ -344,11 +344,13 @@ class Service:
             try:
                 # What collections deleted (one LIST when nothing happened): forget it, and
                 # re-check the roots whose closures lost a path.
-                await uploader.records.refresh()
+                with job_requests() as records_requests:
+                    await uploader.records.refresh()
                 uploader.forget()
                 if uploader.records.deleted:
                     self._roots_changed()
                 result = await self.publisher.dereference(uploader.s3, self.live_roots)
+                result.requests.update(records_requests)  # the cycle's whole cost
                 self.metrics.gcinfos_trashed += len(result.moved)
                 self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
                             requests=dict(result.requests))  # fmt: skip

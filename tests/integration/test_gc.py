@@ -283,13 +283,19 @@ def test_residual_deletes_only_what_no_live_root_accounts_for(
 def test_the_daemon_collects_on_its_schedule(tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]) -> None:
     from tests.harness import Daemon
 
-    alpha, _beta, one, two, _ = beta_drops_two(tmp_path, bucket, signing_key, collect_interval=1)
+    alpha, _beta, one, two, _ = beta_drops_two(
+        tmp_path, bucket, signing_key, collect_interval=1, dereference_interval=1
+    )
     daemon = Daemon(alpha.config, tmp_path / "daemon.log").start()
     done = daemon.wait_event("gc.done", 20)
     assert not bucket.has_narinfo(two) and bucket.has_narinfo(one)
     assert done[0]["deleted"] > 0 and done[0]["dead_paths"] == 2
     idle = daemon.wait_event("gc.done", 20, count=2)[1]
     assert idle["requests"] == {"ListObjectsV2": 1}, "an empty trash costs one LIST"
+    # An idle dereference cycle: one LIST of its folder, one of the deletion records (its
+    # first cycles learn the collection's record: a GET, once).
+    cycles = daemon.wait_event("dereference.done", 20, count=5)
+    assert cycles[-1]["requests"] == {"ListObjectsV2": 2}, cycles[-1]
     assert daemon.stop() == 0
 
 
