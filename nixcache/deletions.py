@@ -123,19 +123,20 @@ async def list_records(bucket: s3.S3) -> View:
 
 @dataclass(frozen=True)
 class Baseline:
-    """Where a job starts from: the done records it may take as settled (done before it
-    began, known to this process), and when it began."""
+    """When a job began (a job longer than half the retention may have missed records)."""
 
-    ids: frozenset[str]
     began: float
 
 
 class Tracker:
     """A host's view of the deletion records of one bucket.
 
-    A job (push, publish) takes as settled only the done records this *process* knew before
-    the job began; a new process knows none, so its first jobs check every retained record
-    (their contents are kept in ``cache_dir``: each is downloaded once per host, ever)."""
+    After its writes, a job checks its closure against *every* retained done record — not
+    only those that appeared since it began: an earlier attempt (another process, before a
+    restart, a reload, or a failed round) may have written narinfos it never checked. What a
+    HEAD found present after a record was done stays fine until a later record, so each
+    (record, path or NAR) is asked about at most once per process (``verified``). Record
+    contents are kept in ``cache_dir``: each is downloaded once per host, ever."""
 
     def __init__(self, bucket: s3.S3, cache_dir: Path | None, retention: float) -> None:
         self.bucket = bucket
@@ -148,6 +149,10 @@ class Tracker:
         """hash parts deleted by collections learnt of, not yet re-checked by the publisher."""
         self.doubtful: set[str] = set()
         """hash parts deleted or announced for deletion, not yet evicted from a presence cache."""
+        self.verified: set[tuple[str, str]] = set()
+        """(record id, hash part or NAR key) found present after that record was done."""
+        self.forget_all = False
+        """an unreadable record was learnt: it may have deleted anything this host cached."""
         self.epoch = 0
         """bumped whenever a record is learnt: a presence answer obtained across a bump is not
         cached (the record may have been learnt, and evicted, while the answer was on its way)."""
@@ -161,7 +166,7 @@ class Tracker:
         return time.time() - self.last_listed > self.retention / 2
 
     def baseline(self) -> Baseline:
-        return Baseline(frozenset(self.done), time.time())
+        return Baseline(time.time())
 
     def _read_cached(self, rid: str) -> bytes | None:
         if self.cache_dir is None:
@@ -189,6 +194,7 @@ class Tracker:
     def _learn(self, record: Record, done: bool) -> None:
         self.epoch += 1
         self.doubtful |= record.paths
+        self.forget_all |= record.everything
         if done:
             self.done[record.id] = record
             self.deleted |= record.paths
@@ -215,6 +221,7 @@ class Tracker:
                     self._learn(self.open[rid], done=False)
             self.open = {rid: r for rid, r in self.open.items() if rid in view.open}
             self.done = {rid: r for rid, r in self.done.items() if rid in view.done}
+            self.verified = {(rid, item) for rid, item in self.verified if rid in self.done}
             self.last_listed = listed_at
             if new_done:
                 log.info("deletions.learnt", records=len(new_done), paths=sum(len(self.done[r].paths)
@@ -233,7 +240,10 @@ class Tracker:
                 return Record.parse(data, done_key(rid))
             lease = await read_lease(self.bucket)
             if lease is None or lease.record != rid or time.time() > lease.expires + ABANDON_MARGIN:
+                # Its collector deletes nothing more: close the record with all it announced
+                # (a superset of what went), so no host waits on it again.
                 log.warning("deletions.abandoned_collection", record=rid)
+                await self.bucket.put(done_key(rid), announced.render(), "application/gzip")
                 return announced
             if time.monotonic() > deadline:
                 raise NixcacheError(
@@ -243,31 +253,29 @@ class Tracker:
             log.info("deletions.waiting_for_collection", record=rid, holder=lease.holder)
             await asyncio.sleep(poll)
 
-    async def conflicts(self, base: Baseline, paths: set[str], nar_keys: set[str]) -> tuple[set[str], Baseline]:
-        """After a job's writes: which of ``paths`` (hash parts) and ``nar_keys`` it wrote or
-        relied on a collection may have deleted — one not settled in ``base``. Waits for
-        open collections that cover any of them. Returns (hits, the baseline once they are
-        repaired). A job that ran longer than half the retention may have missed pruned
-        records: everything is a hit."""
+    async def conflicts(self, base: Baseline, paths: set[str], nar_keys: set[str]) -> set[tuple[str, str]]:
+        """After a job's writes: (record id, hash part or NAR key) for each of ``paths`` and
+        ``nar_keys`` (what it wrote or relied on) that a retained record says a collection
+        deleted and that was not found present since — to be asked about (HEAD). Waits for
+        open collections that cover any of them. A job that ran longer than half the
+        retention may have missed pruned records: all of its paths and NARs are returned."""
         open_now = await self.refresh()
         if time.time() - base.began > self.retention / 2:
             log.warning("deletions.job_outlived_retention", then="checking every path")
-            return {*paths, *nar_keys}, Baseline(frozenset(self.done), time.time())
-        hits: set[str] = set()
-        settled = set(base.ids) | set(self.done)
-        for rid, record in self.done.items():
-            if rid not in base.ids:
-                hits |= record.hits(paths, nar_keys)
+            return {("", item) for item in (*paths, *nar_keys)}
         for rid, announced in open_now.items():
-            if rid not in base.ids and announced.hits(paths, nar_keys):
-                hits |= (await self.wait_done(rid, announced)).hits(paths, nar_keys)
-                settled.add(rid)
-        return hits, Baseline(frozenset(settled), base.began)
+            if announced.hits(paths, nar_keys):
+                self._learn(await self.wait_done(rid, announced), done=True)
+                self.open.pop(rid, None)
+        return {(rid, item) for rid, r in self.done.items() for item in r.hits(paths, nar_keys)} - self.verified
 
     def adopt(self, old: Tracker) -> None:
-        """Take over what ``old`` (the same bucket, through a client closed on reload) knew."""
-        self.done, self.open, self.deleted = old.done, old.open, old.deleted
-        self.doubtful, self.epoch, self.last_listed = old.doubtful, old.epoch, old.last_listed
+        """Start from what ``old`` (the same bucket, through a client closed on reload) knew —
+        copies: jobs still running on the old client must not learn records for this one
+        (it learns them itself, and evicts them from its own cache)."""
+        self.done, self.open, self.verified = dict(old.done), dict(old.open), set(old.verified)
+        self.deleted, self.doubtful = set(old.deleted), set(old.doubtful)
+        self.forget_all, self.epoch, self.last_listed = old.forget_all, old.epoch, old.last_listed
 
     def learn(self, paths: set[str]) -> None:
         """This process deleted ``paths`` itself (its own collection)."""

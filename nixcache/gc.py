@@ -10,10 +10,12 @@ safety argument is docs/gc.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from nixcache.config import Config
 from nixcache.deletions import Record
 from nixcache.errors import NixcacheError
 from nixcache.gcinfo import Gcinfo, GcinfoError, parse
-from nixcache.gcplan import Edges, Obj, Plan, candidates_of, plan_collection
+from nixcache.gcplan import UNREADABLE, Edges, Obj, Plan, candidates_of, plan_collection
 from nixcache.logs import get
 from nixcache.narindex import NarIndex
 from nixcache.progress import silent
@@ -94,7 +96,11 @@ class State:
 
 async def listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> dict[str, Obj]:
     """Every object under ``prefix``, by key."""
-    return {o.key: o for o in [Obj.from_listing(e) async for e in bucket.list_keys(prefix, delimiter)]}
+    out: dict[str, Obj] = {}
+    async for entry in bucket.list_keys(prefix, delimiter):
+        obj = Obj.from_listing(entry)
+        out[obj.key] = obj
+    return out
 
 
 async def gcinfo_listing(bucket: s3.S3, prefix: str) -> dict[str, Obj]:
@@ -165,11 +171,36 @@ class Collector:
             try:
                 trash_objs = await gcinfo_listing(self.bucket, layout.TRASH_PREFIX) if trash else {}
                 if trash_objs or residual_age is not None:  # an empty trash costs that one LIST
-                    await self._collect(trash_objs, dry_run, holder, residual_age, result)
+                    with self._local_lock(dry_run) as other:
+                        if other:
+                            result.skipped = "another collection is running on this host"
+                        else:
+                            await self._collect(trash_objs, dry_run, holder, residual_age, result)
             finally:
                 result.requests = counter
                 result.seconds = time.monotonic() - started
         return result
+
+    @contextlib.contextmanager
+    def _local_lock(self, dry_run: bool) -> Iterator[bool]:
+        """One collection at a time on this host (the daemon's and a hand-run one), whatever
+        the provider: the lease alone cannot tell them apart where conditional writes are
+        ignored (gc.sole_collector). Yields True if another one holds it."""
+        if dry_run:
+            yield False
+            return
+        path = self.cfg.state_dir / "collect.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield True
+                return
+            try:
+                yield False
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     async def _collect(
         self,
@@ -234,7 +265,7 @@ class Collector:
         try:
             state = await self.read_state()
             await lease.hold(self.bucket, held)
-            result.plan = restrict(self._plan(trash, state, residual_age), announced)
+            result.plan = restrict(self._plan(trash, state, residual_age), announced, state.edges, trash)
             await self._delete(result, held, gone_paths, gone_nars)
         finally:
             done = Record(rid, frozenset(gone_paths), frozenset(), frozenset(gone_nars))
@@ -288,10 +319,19 @@ class Collector:
             await self.bucket.delete_many(stale)
 
 
-def restrict(plan: Plan, announced: Record) -> Plan:
+def restrict(plan: Plan, announced: Record, edges: Mapping[str, Edges], trash: Mapping[str, Gcinfo]) -> Plan:
     """Keep only deletions the open record announced (pure): anything else may be what a
-    host wrote after the record and relied on, unseen by it."""
-    layers = ([k for k in layer if k.removesuffix(".narinfo") in announced.paths] for layer in plan.narinfo_layers)
+    host wrote after the record and relied on, unseen by it. A path whose NAR (by its URL)
+    was not announced keeps its narinfo, and its trash gcinfo, for the next collection —
+    which announces it — rather than leaving that NAR behind for good."""
+    nars = [k for k in plan.nars if announced.hits((), (k,))]
+    unannounced = set(plan.nars) - set(nars)
+    waiting = {h for h in plan.paths() if (url := edges.get(h, UNREADABLE).url) and url in unannounced}
+    layers = (
+        [k for k in layer if (h := k.removesuffix(".narinfo")) in announced.paths and h not in waiting]
+        for layer in plan.narinfo_layers
+    )
     plan.narinfo_layers = [layer for layer in layers if layer]
-    plan.nars = [k for k in plan.nars if announced.hits((), (k,))]
+    plan.nars = nars
+    plan.trash = [k for k in plan.trash if not any(m.hash_part in waiting for m in trash[k].members)]
     return plan

@@ -128,9 +128,11 @@ async def conditional_writes(bucket: s3.S3, cache: Path | None) -> bool:
             # the lease is released with a conditional DELETE: a successor's must survive it
             and not await bucket.delete_if(PROBE, wrong_etag)
         )
-    except NixcacheError as e:  # e.g. 501 NotImplemented: not honoured either
-        log.warning("s3.conditional_write_error", error=str(e))
-        honoured = False
+    except NixcacheError as e:
+        if "NotImplemented" not in str(e) and "(HTTP 501)" not in str(e):
+            # a 5xx, a timeout: no answer, nothing remembered; asked again next time
+            raise NixcacheError(f"could not tell whether the provider honours conditional writes: {e}") from None
+        honoured = False  # the provider says it does not know these headers
     log.info("s3.conditional_writes", bucket=bucket.bucket, honoured=honoured)
     if cache is not None:
         known[where] = honoured

@@ -29,6 +29,7 @@ from nixcache.narinfo import NarInfo, NarInfoError
 log = get("nixcache.narindex")
 
 GET_CONCURRENCY = 32
+STORE_BATCH = 2000
 SCHEMA = "CREATE TABLE IF NOT EXISTS narinfo (hash TEXT PRIMARY KEY, etag TEXT NOT NULL, url TEXT, refs TEXT)"
 
 
@@ -100,19 +101,25 @@ class NarIndex:
             rows = db.execute("SELECT hash, url FROM narinfo").fetchall()
         return {url for h, url in rows if url and h in hashes}
 
-    def _load(self) -> dict[str, tuple[str, Edges]]:
+    def _match(self, narinfos: Mapping[str, Obj]) -> tuple[dict[str, Edges], list[str]]:
+        """(the edges the index holds for listed narinfos at their ETag, the indexed hashes no
+        longer listed), streaming the table: nothing else of it is held in memory."""
+        out: dict[str, Edges] = {}
+        gone: list[str] = []
         with self._db() as db:
-            rows = db.execute("SELECT hash, etag, url, refs FROM narinfo").fetchall()
-        return {
-            h: (etag, Edges(url, tuple(sys.intern(r) for r in refs.split())) if url else UNREADABLE)
-            for h, etag, url, refs in rows
-        }
+            for h, etag, url, refs in db.execute("SELECT hash, etag, url, refs FROM narinfo"):
+                obj = narinfos.get(h)
+                if obj is None:
+                    gone.append(h)
+                elif etag == obj.etag or not obj.etag:
+                    out[h] = Edges(url, tuple(sys.intern(r) for r in refs.split())) if url else UNREADABLE
+        return out, gone
 
-    def _store(self, fresh: Mapping[str, tuple[str, Edges]], gone: list[str]) -> None:
+    def _store(self, fresh: list[tuple[str, str, Edges]], gone: list[str]) -> None:
         with self._db() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO narinfo VALUES (?, ?, ?, ?)",
-                [(h, etag, e.url, " ".join(e.refs)) for h, (etag, e) in fresh.items()],
+                [(h, etag, e.url, " ".join(e.refs)) for h, etag, e in fresh],
             )
             db.executemany("DELETE FROM narinfo WHERE hash = ?", [(h,) for h in gone])
 
@@ -120,41 +127,36 @@ class NarIndex:
         self, bucket: s3.S3, narinfos: Mapping[str, Obj], progress: Callable[..., None] | None = None
     ) -> dict[str, Edges]:
         """Edges of every listed narinfo (by hash part): from the index, or one GET each for
-        those it does not know at their current ETag. A narinfo that vanished between the
-        LIST and the GET is left out (it is no longer in the bucket)."""
-        known = await asyncio.to_thread(self._load)
-        out: dict[str, Edges] = {}
-        missing: list[str] = []
-        for h, obj in narinfos.items():
-            entry = known.get(h)
-            if entry is not None and (entry[0] == obj.etag or not obj.etag):
-                out[h] = entry[1]
-                self.hits += 1
-            else:
-                missing.append(h)
-        fresh: dict[str, tuple[str, Edges]] = {}
-        sem = asyncio.Semaphore(GET_CONCURRENCY)
+        those it does not know at their current ETag (GET_CONCURRENCY at a time, stored as
+        they come, in batches). A narinfo that vanished between the LIST and the GET is left
+        out (it is no longer in the bucket)."""
+        out, gone = await asyncio.to_thread(self._match, narinfos)
+        self.hits += len(out)
+        missing = [h for h in narinfos if h not in out]
+        todo = iter(missing)
+        fresh: list[tuple[str, str, Edges]] = []
         done = 0
 
-        async def fetch(h: str) -> None:
-            nonlocal done
-            async with sem:
+        async def worker() -> None:
+            nonlocal done, fresh
+            for h in todo:  # shared: each hash is taken by one worker
                 got = await bucket.get_with_etag(narinfos[h].key)
-            done += 1
-            if progress is not None:
-                progress("reading new narinfos", done, len(missing))
-            if got is None:
-                return
-            data, etag = got
-            e = edges_of(h, data)
-            out[h] = e
-            if e.url is not None:  # never remember what does not parse: read it again next time
-                fresh[h] = (etag.strip('"'), e)
+                done += 1
+                if progress is not None:
+                    progress("reading new narinfos", done, len(missing))
+                if got is None:
+                    continue
+                data, etag = got
+                e = out[h] = edges_of(h, data)
+                if e.url is not None:  # never remember what does not parse: read it again next time
+                    fresh.append((h, etag.strip('"'), e))
+                if len(fresh) >= STORE_BATCH:
+                    batch, fresh = fresh, []
+                    await asyncio.to_thread(self._store, batch, [])
 
-        await asyncio.gather(*(fetch(h) for h in missing))
+        await asyncio.gather(*(worker() for _ in range(min(GET_CONCURRENCY, len(missing)))))
         self.downloads += len(missing)
-        gone = [h for h in known if h not in narinfos]
         await asyncio.to_thread(self._store, fresh, gone)
         if missing:
-            log.info("narindex.synced", downloaded=len(missing), known=len(known), listed=len(narinfos))
+            log.info("narindex.synced", downloaded=len(missing), known=len(out) - len(missing), listed=len(narinfos))
         return out

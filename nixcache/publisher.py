@@ -168,7 +168,7 @@ class Publisher:
                 if pushed:
                     # The closures are checked against every collection before any gcinfo names
                     # them, and once more after, for a collection that ran while we wrote.
-                    base = await uploader.settle(sorted(pushed), base, written)
+                    await uploader.settle(sorted(pushed), base, written)
                     for root in sorted(pushed):
                         key, info, data = changed[root]
                         if remote.get(key) == etag_of(data):

@@ -84,6 +84,8 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
         self.publisher = Publisher(cfg)
         self.watcher: roots.Watcher | None = None
+        self.roots_lock = asyncio.Lock()
+        """publish and dereference of this host's folder, one at a time."""
         self.live_roots: dict[str, roots.Root] = {}
         self.roots_scanned = asyncio.Event()
         self.roots_complete = False
@@ -300,7 +302,8 @@ class Service:
         assert self.bucket is not None
         with self.bucket.use() as uploader:
             try:
-                result = await self.publisher.publish(uploader, selected)
+                async with self.roots_lock:
+                    result = await self.publisher.publish(uploader, selected)
                 self.metrics.roots_published += len(result.published)
                 self._log_cycle("roots.published", result, roots=len(selected))
             except NixcacheError as e:
@@ -330,27 +333,36 @@ class Service:
         await self.roots_scanned.wait()
 
         async def job() -> None:
+            requests = await self.learn_deletions()
             if self.cfg.gc.dereference:
-                await self.dereference_now()
+                await self.dereference_now(requests)
 
         await self._every(lambda: self.cfg.gc.dereference_interval, job)
 
-    async def dereference_now(self) -> None:
+    async def learn_deletions(self) -> Counter[str]:
+        """What collections deleted (one LIST when nothing happened): forget it, and re-check
+        the roots whose closures lost a path. Every dereference interval, dereferencing or not."""
+        assert self.bucket is not None
+        with self.bucket.use() as uploader, job_requests() as requests:
+            try:
+                await uploader.records.refresh()
+            except NixcacheError as e:
+                log.warning("deletions.refresh_failed", error=str(e))
+            uploader.forget()
+            if uploader.records.deleted:
+                self._roots_changed()
+        return requests
+
+    async def dereference_now(self, requests: Counter[str] | None = None) -> None:
         if not self.roots_complete:
             log.warning("dereference.skipped", reason="some roots directories could not be read")
             return
         assert self.bucket is not None
         with self.bucket.use() as uploader:
             try:
-                # What collections deleted (one LIST when nothing happened): forget it, and
-                # re-check the roots whose closures lost a path.
-                with job_requests() as records_requests:
-                    await uploader.records.refresh()
-                uploader.forget()
-                if uploader.records.deleted:
-                    self._roots_changed()
-                result = await self.publisher.dereference(uploader.s3, self.live_roots)
-                result.requests.update(records_requests)  # the cycle's whole cost
+                async with self.roots_lock:  # never between a publish's writes and its checks
+                    result = await self.publisher.dereference(uploader.s3, self.live_roots)
+                result.requests.update(requests or Counter())  # the cycle's whole cost
                 self.metrics.gcinfos_trashed += len(result.moved)
                 self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
                             requests=dict(result.requests))  # fmt: skip
@@ -515,7 +527,7 @@ class Service:
         old, self.bucket = self.bucket, new
         if old is not None and old.uploader is not None and new.uploader is not None:
             if (old.cfg.s3.endpoint, old.cfg.s3.bucket) == (cfg.s3.endpoint, cfg.s3.bucket):
-                new.uploader.known_present = old.uploader.known_present
+                new.uploader.known_present = set(old.uploader.known_present)
                 new.uploader.records.adopt(old.uploader.records)
             else:
                 self.publisher.remote = None  # another bucket: its gcinfos are listed afresh

@@ -122,7 +122,6 @@ class Uploader:
         self.key = key
         self.known_present: set[str] = set()
         self.records = Tracker(bucket, cfg.state_dir / "deletion-records", cfg.gc.record_retention)
-        self._retry_base: dict[tuple[str, ...], Baseline] = {}
         self.index: NarIndex | None = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
         """where narinfos this host writes are recorded for its collector (saves a GET each)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
@@ -168,15 +167,17 @@ class Uploader:
 
     def forget(self) -> None:
         """Evict from ``known_present`` what a collection deleted or may be deleting; all of
-        it if this host may have missed deletion records (offline or suspended too long)."""
+        it if this host may have missed deletion records (offline or suspended too long) or
+        learnt one it cannot read."""
         doubtful = self.records.take_doubtful()
-        if self.records.stale:
+        if self.records.stale or self.records.forget_all:
             self.known_present.clear()
+            self.records.forget_all = False
         elif doubtful:
             self.known_present = {p for p in self.known_present if layout.hash_part(p) not in doubtful}
 
     def begin(self) -> Baseline:
-        """Start a job that writes to the bucket: the deletion records it may take as settled."""
+        """Start a job that writes to the bucket."""
         self.forget()
         return self.records.baseline()
 
@@ -184,24 +185,16 @@ class Uploader:
         """Make sure the closure of ``roots`` is in the bucket; raise if any path failed.
 
         Without ``base``, the push ends by checking the deletion records and repairing what
-        a collection took meanwhile (:meth:`settle`); with it, the caller settles. A push
-        that failed leaves its baseline for its retry, which then checks every collection
-        since the first attempt (which may have written narinfos it never checked)."""
+        a collection took (:meth:`settle`); with it, the caller settles."""
         started = time.monotonic()
         result = PushResult(roots=list(roots))
-        key = tuple(sorted(roots))
-        own = base is None
-        if base is None:
-            base = self._retry_base.pop(key, None) or self.begin()
         with s3.job_requests() as counter:
             try:
+                own = base is None
+                base = base or self.begin()
                 infos = await self._push(roots, result, set())
                 if own:
                     await self.settle(roots, base, result, infos)
-            except BaseException:
-                if own:
-                    self._retry_base[key] = base
-                raise
             finally:
                 result.requests = counter
         result.seconds = time.monotonic() - started
@@ -209,42 +202,53 @@ class Uploader:
 
     async def settle(
         self, roots: list[str], base: Baseline, result: PushResult, infos: dict[str, PathInfo] | None = None
-    ) -> Baseline:
-        """After a job's writes (narinfos, a gcinfo): LIST the deletion records; for any
-        collection not settled in ``base`` that deleted what the closure of ``roots`` needs —
-        a narinfo, or a NAR under the name this host gives it — ask the bucket (HEAD) and
-        upload again what is missing; check again. Returns the baseline once settled."""
+    ) -> None:
+        """After a job's writes (narinfos, a gcinfo): LIST the deletion records; for each path
+        of the closure of ``roots`` and each NAR it may be stored as that a retained record
+        says a collection deleted, ask the bucket (HEAD, once per record and process); upload
+        again what is missing, and check again (docs/gc.md, rule 9)."""
         infos = infos if infos is not None else await store.closure(roots)
         upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
         by_hash = {layout.hash_part(p): p for p in infos if p not in upstream}
-        nar_owner = {layout.nar_key(infos[p].nar_hash_nix32, self.cfg.upload.compression): p for p in by_hash.values()}
+        # Every name this host may have given a NAR (the compression may have changed since).
+        nar_owner = {k: p for p in by_hash.values() for k in layout.nar_candidates(infos[p].nar_hash_nix32)}
         for _ in range(self.MAX_REPAIRS):
-            hits, base = await self.records.conflicts(base, set(by_hash), set(nar_owner))
+            hits = await self.records.conflicts(base, set(by_hash), set(nar_owner))
             self.forget()
             if not hits:
-                return base
-            suspects = {by_hash[h] for h in hits if h in by_hash}
-            missing = await self._missing(suspects, {k for k in hits if k in nar_owner})
-            force = {nar_owner.get(m, m) for m in missing}
-            log.warning("push.repairing", checked=len(hits), missing=len(force), roots=roots[:3])
-            self.known_present -= force
+                return
+            items = {item for _, item in hits}
+            paths = {by_hash[i] for i in items if i in by_hash} | {nar_owner[i] for i in items if i in nar_owner}
+            broken = await self._broken(paths)
+            self.records.verified |= {
+                (rid, item) for rid, item in hits if rid and by_hash.get(item, nar_owner.get(item)) not in broken
+            }
+            force = broken
+            if any(not rid for rid, _ in hits):
+                base = self.records.baseline()  # the whole closure was just asked about
+            log.warning("push.checked_after_collection", asked=len(items), missing=len(force), roots=roots[:3])
             if not force:
-                continue
+                return
+            self.known_present -= force
             result.repaired += len(force)
             await self._push(roots, result, force)
         raise S3Error(f"the bucket kept changing under this push of {roots[0]}; it will be retried")
 
-    async def _missing(self, paths: set[str], nar_keys: set[str]) -> set[str]:
-        """Which of these paths have no narinfo, and which of these NAR keys no object (HEADs)."""
+    async def _broken(self, paths: set[str]) -> set[str]:
+        """Which of ``paths`` have no narinfo, or one naming a NAR that is missing (a GET and
+        a HEAD each: the narinfo says which NAR, whoever wrote it)."""
         sem = asyncio.Semaphore(HEAD_CONCURRENCY)
         out: set[str] = set()
 
-        async def check(item: str, key: str) -> None:
+        async def check(path: str) -> None:
             async with sem:
-                if not await self.s3.exists(key):
-                    out.add(item)
+                text = await self.s3.get(layout.narinfo_key(path))
+                url = next((ln[5:].strip() for ln in (text or b"").decode(errors="replace").splitlines()
+                            if ln.startswith("URL: ")), None)  # fmt: skip
+                if url is None or not await self.s3.exists(url):
+                    out.add(path)
 
-        await asyncio.gather(*(check(p, layout.narinfo_key(p)) for p in paths), *(check(k, k) for k in nar_keys))
+        await asyncio.gather(*(check(p) for p in paths))
         return out
 
     async def _push(self, roots: list[str], result: PushResult, force: set[str]) -> dict[str, PathInfo]:

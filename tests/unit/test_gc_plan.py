@@ -182,6 +182,6 @@ def test_only_what_the_open_record_announced_is_deleted() -> None:
     b = Bucket(1, 2, 3)
     plan = b.plan({"gctrash/t": g(member(1))}, {}, residual=DAY)
     announced = Record("r", frozenset({h(1), h(2)}), frozenset({nh(1)}), frozenset())
-    restricted = restrict(plan, announced)
-    assert restricted.narinfos == [f"{h(1)}.narinfo", f"{h(2)}.narinfo"]
-    assert restricted.nars == [nar(1)]
+    restricted = restrict(plan, announced, b.edges, {"gctrash/t": g(member(1))})
+    assert restricted.narinfos == [f"{h(1)}.narinfo"], "2's NAR was not announced: it waits, with its narinfo"
+    assert restricted.nars == [nar(1)] and restricted.trash == ["gctrash/t"]
