@@ -35,6 +35,8 @@ log = get("nixcache.deletions")
 
 PREFIX = "gc/records/"
 OPEN, DONE = ".open", ".done"
+VERIFIED = ".verified"
+"""local only: what this host found whole after that record was done."""
 ABANDON_MARGIN = 300.0
 """Seconds past a lease's expiry (by this host's clock) before its record is taken as
 abandoned: room for clock skew between hosts."""
@@ -135,7 +137,7 @@ class Tracker:
     only those that appeared since it began: an earlier attempt (another process, before a
     restart, a reload, or a failed round) may have written narinfos it never checked. What a
     HEAD found present after a record was done stays fine until a later record, so each
-    (record, path or NAR) is asked about at most once per process (``verified``). Record
+    (record, path or NAR) is asked about at most once per host (``verified``, kept). Record
     contents are kept in ``cache_dir``: each is downloaded once per host, ever."""
 
     def __init__(self, bucket: s3.S3, cache_dir: Path | None, retention: float) -> None:
@@ -185,11 +187,39 @@ class Tracker:
             tmp.write_bytes(data)
             tmp.replace(self.cache_dir / f"{rid}{DONE}")
             for f in self.cache_dir.iterdir():
-                if f.name.endswith(DONE) and f.name[: -len(DONE)] not in listed:
+                rid_of = f.name.rsplit(".", 1)[0]
+                if f.name.endswith((DONE, VERIFIED)) and rid_of not in listed:
                     f.unlink(missing_ok=True)  # pruned from the bucket
         except OSError as e:  # said once; this process then downloads what it needs
             log.warning("deletions.cache_not_written", path=str(self.cache_dir), error=e.strerror)
             self.cache_dir = None
+
+    def _read_verified(self, rid: str) -> set[tuple[str, str]]:
+        if self.cache_dir is None:
+            return set()
+        try:
+            return {(rid, item) for item in (self.cache_dir / f"{rid}{VERIFIED}").read_text().split()}
+        except OSError:
+            return set()
+
+    def _append_verified(self, pairs: set[tuple[str, str]]) -> None:
+        if self.cache_dir is None:
+            return
+        by_record: dict[str, list[str]] = {}
+        for rid, item in pairs:
+            by_record.setdefault(rid, []).append(item)
+        try:
+            for rid, items in by_record.items():
+                with (self.cache_dir / f"{rid}{VERIFIED}").open("a") as f:
+                    f.write("".join(i + "\n" for i in items))
+        except OSError:
+            pass  # only asked again by the next process
+
+    async def mark_verified(self, pairs: set[tuple[str, str]]) -> None:
+        """These (record, path or NAR) were found whole after that record was done: they stay
+        so until a later record, so no process of this host asks about them again."""
+        self.verified |= pairs
+        await asyncio.to_thread(self._append_verified, pairs)
 
     def _learn(self, record: Record, done: bool) -> None:
         self.epoch += 1
@@ -208,6 +238,7 @@ class Tracker:
             new_done = sorted(view.done - set(self.done))
             for rid in new_done:
                 data = await asyncio.to_thread(self._read_cached, rid)
+                self.verified |= await asyncio.to_thread(self._read_verified, rid)
                 if data is None:
                     data = await self.bucket.get(done_key(rid))
                     if data is None:

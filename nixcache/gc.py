@@ -145,7 +145,8 @@ class Collector:
         live = await self.read_gcinfos(live_objs)
         narinfos, nars = await self.bucket_objects()
         edges = await self.index.sync(self.bucket, narinfos, self.progress)
-        narinfos = {h: o for h, o in narinfos.items() if h in edges}  # gone between LIST and GET
+        for h in [h for h in narinfos if h not in edges]:  # gone between LIST and GET
+            del narinfos[h]
         self._live_etags = {o.etag for o in live_objs.values()}
         return State(live, narinfos, edges, nars, live_objs)
 

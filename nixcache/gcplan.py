@@ -9,6 +9,7 @@ gcinfo member has its NAR hash. The safety argument is docs/gc.md, rule by rule.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,7 @@ class UnsafeToCollect(NixcacheError):
     """Something the plan depends on is unknown: nothing is deleted (when in doubt, keep)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Obj:
     """An object from a LIST: key, size, last modification (epoch seconds), ETag."""
 
@@ -36,7 +37,9 @@ class Obj:
     def from_listing(cls, entry: dict[str, Any]) -> Obj:
         modified = entry.get("LastModified")
         mtime = modified.timestamp() if isinstance(modified, datetime) else 0.0
-        return cls(str(entry["Key"]), int(entry.get("Size", 0)), mtime, str(entry.get("ETag", "")).strip('"'))
+        # Interned: a NAR's key is also the URL of the narinfo naming it (one string for both).
+        key = sys.intern(str(entry["Key"]))
+        return cls(key, int(entry.get("Size", 0)), mtime, str(entry.get("ETag", "")).strip('"'))
 
 
 @dataclass(frozen=True, slots=True)

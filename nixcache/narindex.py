@@ -112,7 +112,8 @@ class NarIndex:
                 if obj is None:
                     gone.append(h)
                 elif etag == obj.etag or not obj.etag:
-                    out[h] = Edges(url, tuple(sys.intern(r) for r in refs.split())) if url else UNREADABLE
+                    refs_of = tuple(sys.intern(r) for r in refs.split())
+                    out[h] = Edges(sys.intern(url), refs_of) if url else UNREADABLE
         return out, gone
 
     def _store(self, fresh: list[tuple[str, str, Edges]], gone: list[str]) -> None:

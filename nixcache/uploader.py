@@ -220,9 +220,9 @@ class Uploader:
             items = {item for _, item in hits}
             paths = {by_hash[i] for i in items if i in by_hash} | {nar_owner[i] for i in items if i in nar_owner}
             broken = await self._broken(paths)
-            self.records.verified |= {
-                (rid, item) for rid, item in hits if rid and by_hash.get(item, nar_owner.get(item)) not in broken
-            }
+            await self.records.mark_verified(
+                {(rid, item) for rid, item in hits if rid and by_hash.get(item, nar_owner.get(item)) not in broken}
+            )
             force = broken
             if any(not rid for rid, _ in hits):
                 base = self.records.baseline()  # the whole closure was just asked about
