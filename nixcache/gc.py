@@ -23,7 +23,7 @@ from nixcache import deletions, layout, lease, s3
 from nixcache.config import Config
 from nixcache.deletions import Record
 from nixcache.errors import NixcacheError
-from nixcache.gcinfo import Gcinfo, GcinfoError, parse
+from nixcache.gcinfo import Gcinfo, GcinfoError, Member, parse
 from nixcache.gcplan import UNREADABLE, Edges, Obj, Plan, candidates_of, plan_collection
 from nixcache.logs import get
 from nixcache.narindex import NarIndex
@@ -42,6 +42,8 @@ class GcinfoCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.downloads = 0
+        self.members: dict[str, Member] = {}
+        """one Member per distinct line, shared by every gcinfo read through this cache."""
 
     async def read(self, bucket: s3.S3, obj: Obj) -> Gcinfo:
         path = self.dir / obj.etag if obj.etag.isalnum() else None
@@ -55,13 +57,13 @@ class GcinfoCache:
                 raise GcinfoError(f"{obj.key}: listed but gone when read (changed under us); retry later")
             data = got[0]
             self.downloads += 1
-            gcinfo = parse(data, obj.key)  # never cache what does not parse
+            gcinfo = parse(data, obj.key, self.members)  # never cache what does not parse
             if path is not None and got[1].strip('"') == obj.etag:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(data)
                 os.replace(tmp, path)
             return gcinfo
-        return parse(data, obj.key)
+        return parse(data, obj.key, self.members)
 
     def prune(self, keep: Iterable[str]) -> None:
         wanted = set(keep)
@@ -143,6 +145,7 @@ class Collector:
     async def read_state(self) -> State:
         live_objs = await gcinfo_listing(self.bucket, layout.ROOTS_PREFIX)
         live = await self.read_gcinfos(live_objs)
+        self.cache.members.clear()  # the gcinfos hold their members; the lines can go
         narinfos, nars = await self.bucket_objects()
         edges = await self.index.sync(self.bucket, narinfos, self.progress)
         for h in [h for h in narinfos if h not in edges]:  # gone between LIST and GET

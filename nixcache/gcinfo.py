@@ -59,8 +59,10 @@ class Gcinfo:
         return gzip.compress(text.encode(), compresslevel=9, mtime=0)
 
 
-def parse(data: bytes, what: str = "gcinfo") -> Gcinfo:
-    """Parse a gcinfo (ours, or the original tool's hash-only lines); GcinfoError if corrupt."""
+def parse(data: bytes, what: str = "gcinfo", shared: dict[str, Member] | None = None) -> Gcinfo:
+    """Parse a gcinfo (ours, or the original tool's hash-only lines); GcinfoError if corrupt.
+    ``shared``: lines already parsed (in other gcinfos) → their Member, reused: closures
+    overlap, and one object per path serves every gcinfo listing it."""
     try:
         text = gzip.decompress(data).decode("utf-8")
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
@@ -74,11 +76,18 @@ def parse(data: bytes, what: str = "gcinfo") -> Gcinfo:
             continue
         if not line.strip():
             continue
+        known = shared.get(line) if shared is not None else None
+        if known is not None:
+            members.append(known)
+            continue
         m = _LINE.match(line.strip())
         if not m:
             raise GcinfoError(f"{what}: line {n} is not '<hash>.narinfo [<narHash> <narSize>]': {line[:80]!r}")
         # Interned: the same path appears in many gcinfos; one string object serves them all.
-        members.append(Member(sys.intern(m[1]), sys.intern(m[2]) if m[2] else None, int(m[3]) if m[3] else None))
+        member = Member(sys.intern(m[1]), sys.intern(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
+        if shared is not None:
+            shared[line] = member
+        members.append(member)
     return Gcinfo(root, tuple(members))
 
 

@@ -194,14 +194,17 @@ def plan_collection(
 
     # NARs: named by a narinfo that stays, or by a live member's NAR hash → kept.
     named = {e.url for h, e in ((h, edges.get(h, UNREADABLE)) for h in narinfos if h not in doomed) if e.url}
-    named.update(k for nh in live_nar_hashes for k in layout.nar_candidates(nh))
+
+    def kept_nar(key: str) -> bool:  # named by a narinfo that stays, or a live member's NAR hash
+        return key in named or layout.hash_of_nar_key(key) in live_nar_hashes
+
     planned: set[str] = set()
     for h in sorted(doomed):
         for key in nar_keys(h, candidates[h]):
             nar = nars.get(key)
             if nar is None or key in planned:
                 continue
-            if key in named:
+            if kept_nar(key):
                 plan.kept_shared_nar += 1
                 continue
             planned.add(key)
@@ -211,7 +214,7 @@ def plan_collection(
                 plan.residual.add(key)
     if residual_age is not None:
         for key, nar in sorted(nars.items()):
-            if key not in named and key not in planned and now - nar.mtime >= residual_age:
+            if not kept_nar(key) and key not in planned and now - nar.mtime >= residual_age:
                 planned.add(key)
                 plan.nars.append(key)
                 plan.residual.add(key)
