@@ -28,10 +28,10 @@ The daemon takes turns. It is frozen (SIGSTOP) between steps and runs only insid
 caught up — its ``gcroots/host0/`` holds exactly the gcinfos of host0's current roots — and has
 finished a whole collection that began after that, then freezes it again, at a quiet point.
 So the invariants are checked on a quiescent bucket, and no collection of the daemon overlaps a
-push of another host: with ``grace_period = 0`` such an overlap is the window docs/gc.md lists
-as a known limit (a path found present, then collected before the narinfo or gcinfo relying on
-it is written), not a promise, and a race would also make examples unreproducible for
-Hypothesis. While the daemon runs, ``publish(0)`` and ``dereference(0)`` do not run the CLI next
+push of another host: a race would make examples unreproducible for Hypothesis. Overlaps (a
+path found present, then collected before the narinfo or gcinfo relying on it is written:
+docs/gc.md rule 9) are forced deterministically in test_consistency.py and
+test_adversarial*.py. While the daemon runs, ``publish(0)`` and ``dereference(0)`` do not run the CLI next
 to it: they are a daemon tick (the daemon publishes and dereferences by itself); ``push``,
 ``collect`` and ``residual`` of host0 still use the CLI (the frozen daemon holds no lease).
 
