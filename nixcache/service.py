@@ -348,6 +348,8 @@ class Service:
                 await uploader.records.refresh()
             except NixcacheError as e:
                 log.warning("deletions.refresh_failed", error=str(e))
+            except Exception as e:  # a bug: keep the daemon (and its dereference loop) running
+                log.exception("deletions.refresh_crashed", error=repr(e))
             uploader.forget()
             if uploader.records.deleted:
                 self._roots_changed()
