@@ -51,14 +51,18 @@ published root's closure over HTTP, signatures required, into a fresh store.
 A CLI command must exit 0, except exit 1 with one of the documented skips (``lease held by``,
 ``claimed``); any other failure prints its output.
 
-CI runs a few short examples (about two minutes). A long run, e.g. 300 examples of up to 20
-steps, no pytest timeout, progress on the terminal:
+CI runs 4 examples of up to 10 steps (about a minute). A long run: 300 examples of up to 20
+steps, no pytest timeout, failures kept in a database (running it again replays them first),
+shrinking for up to an hour instead of Hypothesis's 5 minutes; follow it in the transcript:
 
-    NIXCACHE_MODEL_EXAMPLES=300 NIXCACHE_MODEL_STEPS=20 \\
-        python -m pytest -q tests/integration/test_model.py -x -p no:cacheprovider -s
+    NIXCACHE_MODEL_EXAMPLES=300 NIXCACHE_MODEL_STEPS=20 NIXCACHE_MODEL_DB=/tmp/model-db \\
+    NIXCACHE_MODEL_SHRINK_SECONDS=3600 python -m pytest -q tests/integration/test_model.py \\
+        -x -p no:cacheprovider --basetemp=/tmp/model
+    tail -f /tmp/model/test_the_bucket_stays_whole_un0/model-transcript.log
 
-(add ``--hypothesis-seed=N`` to replay a run; every step is also logged to
-``<tmp>/model-transcript.log``.)
+Every step runs real processes, so a long failing example is slow to shrink: 6 to 8 steps
+(NIXCACHE_MODEL_STEPS) find the known bugs as well, and shrank each here in 20 to 35 minutes.
+``--hypothesis-seed=N`` replays a run.
 """
 
 from __future__ import annotations
@@ -128,8 +132,8 @@ MODEL_SETTINGS = settings(
     max_examples=EXAMPLES or 4,
     stateful_step_count=STEPS,
     deadline=None,
-    # Nothing written into the working tree; a long run may keep its examples elsewhere, so
-    # that running it again resumes shrinking a failure (Hypothesis stops after 5 minutes).
+    # Nothing written into the working tree; a long run may keep its failures elsewhere, so
+    # that running it again replays them first.
     database=DirectoryBasedExampleDatabase(os.environ["NIXCACHE_MODEL_DB"])
     if "NIXCACHE_MODEL_DB" in os.environ
     else None,
