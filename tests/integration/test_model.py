@@ -10,9 +10,11 @@ Three hosts (``host0``, ``host1``, ``host2``: own config, hostname, state dir an
   path by path, references first, skipping narinfos already there — this Nix has no S3 support,
   so it copies to ``file://`` and the objects are put as ``nix copy`` would
 - ``root(host, name, path, publish)``: a symlink in the host's gcroots dir (replacing one of
-  that name), then, if ``publish``, ``publish(host)``; ``unroot(root, dereference)`` removes
-  one made by an earlier ``root``, then, if ``dereference``, ``dereference(host)`` (the two
-  flags let Hypothesis reach a collection of something in fewer steps)
+  that name), then, if ``publish``, ``publish(host)``; ``unroot(root, then)`` removes one made
+  by an earlier ``root``, then, as ``then`` says, ``dereference(host)`` and ``collect(host)``.
+  Every example starts with ``initial_root(host, path)``: a root, published. (These shortcuts
+  let Hypothesis reach the collection of something in a few steps: with the rules alone, few
+  random sequences did.)
 - ``publish(host)``, for a host with a root not published yet; ``dereference(host)``, for a host
   whose ``gcroots/<host>/`` holds a gcinfo of a path it no longer roots (both draw the host among
   those, printed as ``Draw 1 (host): N``); ``collect(host)`` (``nixcache gc``) when
@@ -89,6 +91,7 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -460,16 +463,25 @@ class BucketMachine(RuleBasedStateMachine):
             self.publish_host(host)
         return RootRef(host, name)
 
-    @rule(root=consumes(rooted), dereference=st.booleans())
-    def unroot(self, root: RootRef, dereference: bool) -> None:
-        """Remove a root made by ``root``; with ``dereference``, then dereference its host."""
-        self.step(f"unroot(host={root.host}, name={root.name}, dereference={dereference})")
+    @initialize(target=rooted, host=hosts_st, path=labels_st)
+    def initial_root(self, host: int, path: str) -> RootRef:
+        """Every example starts with a published root: dropping and collecting it are then a step
+        or two away, which random sequences otherwise rarely reach."""
+        return self.root(host, ROOT_NAMES[0], path, publish=True)
+
+    @rule(root=consumes(rooted), then=st.sampled_from(["", "dereference", "dereference, collect"]))
+    def unroot(self, root: RootRef, then: str) -> None:
+        """Remove a root made by ``root``; then, as ``then`` says, dereference its host, and
+        collect (its daemon, if running, does both in one tick)."""
+        self.step(f"unroot(host={root.host}, name={root.name}, then={then!r})")
         if root.name in self.roots[root.host]:  # not if it was unrooted through another reference
             self.hosts[root.host].unroot(root.name)
             del self.roots[root.host][root.name]
             self.roots_changed(root.host)
-        if dereference:
+        if then:
             self.dereference_host(root.host)
+        if then == "dereference, collect" and not (root.host == DAEMON_HOST and self.daemon_running()):
+            self.cli(root.host, "gc")
 
     @precondition(lambda self: self.unpublished_hosts())
     @rule(data=st.data())
