@@ -46,24 +46,32 @@ class GcinfoCache:
         """one Member per distinct line, shared by every gcinfo read through this cache."""
 
     async def read(self, bucket: s3.S3, obj: Obj) -> Gcinfo:
+        """Decompressing, parsing and the cache's file I/O run in a thread: a daemon's event
+        loop keeps answering (status, the watchdog, uploads) while it collects."""
         path = self.dir / obj.etag if obj.etag.isalnum() else None
-        data: bytes | None = None
-        if path is not None and path.exists():
-            data = path.read_bytes()
+        cached = await asyncio.to_thread(self._read_cached, path, obj.key)
+        if cached is not None:
             self.hits += 1
-        else:
-            got = await bucket.get_with_etag(obj.key)
-            if got is None:
-                raise GcinfoError(f"{obj.key}: listed but gone when read (changed under us); retry later")
-            data = got[0]
-            self.downloads += 1
-            gcinfo = parse(data, obj.key, self.members)  # never cache what does not parse
-            if path is not None and got[1].strip('"') == obj.etag:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            return gcinfo
-        return parse(data, obj.key, self.members)
+            return cached
+        got = await bucket.get_with_etag(obj.key)
+        if got is None:
+            raise GcinfoError(f"{obj.key}: listed but gone when read (changed under us); retry later")
+        self.downloads += 1
+        keep = path if path is not None and got[1].strip('"') == obj.etag else None
+        return await asyncio.to_thread(self._parse_and_keep, got[0], obj.key, keep)
+
+    def _read_cached(self, path: Path | None, key: str) -> Gcinfo | None:
+        if path is None or not path.exists():
+            return None
+        return parse(path.read_bytes(), key, self.members)
+
+    def _parse_and_keep(self, data: bytes, key: str, path: Path | None) -> Gcinfo:
+        gcinfo = parse(data, key, self.members)  # never cache what does not parse
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return gcinfo
 
     def prune(self, keep: Iterable[str]) -> None:
         wanted = set(keep)
@@ -153,10 +161,11 @@ class Collector:
         self._live_etags = {o.etag for o in live_objs.values()}
         return State(live, narinfos, edges, nars, live_objs)
 
-    def _plan(self, trash: dict[str, Gcinfo], state: State, residual_age: float | None) -> Plan:
-        return plan_collection(
-            trash, state.live, state.narinfos, state.edges, state.nars, time.time(), self.cfg.gc.grace_period,
-            residual_age, self._trash_mtimes,
+    async def _plan(self, trash: dict[str, Gcinfo], state: State, residual_age: float | None) -> Plan:
+        """Plan in a thread (seconds for 100,000 narinfos: the event loop must not wait)."""
+        return await asyncio.to_thread(
+            plan_collection, trash, state.live, state.narinfos, state.edges, state.nars, time.time(),
+            self.cfg.gc.grace_period, residual_age, self._trash_mtimes,
         )  # fmt: skip
 
     async def collect(
@@ -232,7 +241,7 @@ class Collector:
             trash = await self.read_gcinfos(trash_objs)
             if dry_run:
                 state = await self.read_state()
-                result.plan = self._plan(trash, state, residual_age)
+                result.plan = await self._plan(trash, state, residual_age)
             else:
                 assert held is not None
                 await self._announce_plan_delete(trash, residual_age, rid, held, result)
@@ -253,7 +262,7 @@ class Collector:
         paths, nar_hashes = candidates_of(trash)
         nar_keys: set[str] = set()
         if residual_age is not None:  # residual candidates are only known from a first read
-            first = self._plan(trash, await self.read_state(), residual_age)
+            first = await self._plan(trash, await self.read_state(), residual_age)
             paths |= first.paths()
             nar_keys |= set(first.nars)
         if not paths and not nar_keys:  # trash gcinfos with no members: nothing to announce
@@ -269,7 +278,7 @@ class Collector:
         try:
             state = await self.read_state()
             await lease.hold(self.bucket, held)
-            result.plan = restrict(self._plan(trash, state, residual_age), announced, state.edges, trash)
+            result.plan = restrict(await self._plan(trash, state, residual_age), announced, state.edges, trash)
             await self._delete(result, held, gone_paths, gone_nars)
         finally:
             done = Record(rid, frozenset(gone_paths), frozenset(), frozenset(gone_nars))

@@ -8,6 +8,7 @@ Dereferencing moves this host's gcinfos whose root is gone to ``gctrash/<host>/`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -133,6 +134,9 @@ class Publisher:
         """The gcinfo each root would have now, from the local Nix database (no S3)."""
         roots = sorted(roots)
         infos = await store.closure(roots) if roots else {}
+        return await asyncio.to_thread(self._build, roots, infos)  # gzip -9 of each: off the loop
+
+    def _build(self, roots: list[str], infos: dict[str, PathInfo]) -> dict[str, tuple[Gcinfo, bytes]]:
         upstream = upstream_paths(infos, self.cfg.upload.skip_signed_by)
         out = {}
         for root in roots:

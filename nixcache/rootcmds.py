@@ -14,8 +14,10 @@ from nixcache.s3 import S3
 from nixcache.uploader import Uploader
 
 
-def local_roots(cfg: Config) -> tuple[dict[str, roots.Root], roots.Scan]:
-    scan = roots.scan(cfg.roots_dirs(), cfg.store_dir)
+async def local_roots(cfg: Config) -> tuple[dict[str, roots.Root], roots.Scan]:
+    """The daemon's view: unreadable links resolved by Nix or by what the daemon remembers
+    (read only: the daemon owns that memory)."""
+    scan = await roots.discover(cfg.roots_dirs(), cfg.store_dir, roots.Memory(cfg.state_dir, write=False))
     return roots.select(scan.roots, cfg.roots.include, cfg.roots.exclude), scan
 
 
@@ -24,7 +26,7 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
     published (bucket has exactly this closure), stale (it has an older one), missing, gone
     (published, no longer a local root: the next dereference trashes it), pinned (gone, but
     matches `keep`)."""
-    selected, _ = local_roots(cfg)
+    selected, _ = await local_roots(cfg)
     publisher = Publisher(cfg)
     async with S3(cfg.s3) as bucket:
         remote = await publisher.list_remote(bucket, claim=False)
@@ -44,15 +46,15 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 async def publish(cfg: Config) -> CycleResult:
-    selected, _ = local_roots(cfg)
+    selected, _ = await local_roots(cfg)
     async with S3(cfg.s3) as bucket:
         return await Publisher(cfg).publish(Uploader(cfg, bucket, load_signing_key(cfg)), selected, learn=True)
 
 
 async def dereference(cfg: Config, dry_run: bool) -> CycleResult:
-    selected, scan = local_roots(cfg)
+    selected, scan = await local_roots(cfg)
     if scan.unreadable:
-        raise NixcacheError(f"cannot read {scan.unreadable[0]}: not dereferencing (a live root could be missed)")
+        raise NixcacheError(f"not dereferencing: {scan.unreadable[0]} (a live root could be missed)")
     async with S3(cfg.s3) as bucket:
         return await Publisher(cfg).dereference(bucket, selected, dry_run=dry_run)
 

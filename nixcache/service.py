@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from nixcache import __version__, roots, sdnotify, store
+from nixcache.backlog import Backlog
 from nixcache.config import Config, load_config, load_signing_key
-from nixcache.errors import NarHashMismatch, NixcacheError, StoreError
+from nixcache.errors import NixcacheError, S3Error, StoreError
 from nixcache.gc import Collector
 from nixcache.journal import Journal, write_atomic
 from nixcache.logs import get
@@ -30,6 +31,10 @@ log = get("nixcache.service")
 
 MAX_LINE = 4096
 READ_SIZE = 1 << 16
+MAX_ERRORS = 1000
+"""Failing paths whose last error is kept for `nixcache status` (the most recent ones)."""
+OUTAGE_AFTER = 3
+"""Failures in a row, of different paths, for a reason not theirs, that pause all uploads."""
 
 
 class Bucket:
@@ -37,6 +42,8 @@ class Bucket:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.target = (cfg.s3.endpoint, cfg.s3.region, cfg.s3.bucket)
+        """Which bucket: what the uploader's and publisher's knowledge is about."""
         self.s3 = S3(cfg.s3)
         self.uploader: Uploader | None = None
         self.active = 0
@@ -70,10 +77,17 @@ class Service:
     def __init__(self, cfg: Config, config_file: Path | None) -> None:
         self.cfg = cfg
         self.config_file = config_file
-        self.journal = Journal(cfg.state_dir)
+        self.journal = Journal(cfg.state_dir, cfg.store_dir)
+        self.backlog = Backlog()
+        """The journal's pending paths, in memory: what the feeder hands to the workers."""
+        self.backlog_changed = asyncio.Event()
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=cfg.upload.queue_size)
-        self.queued: set[str] = set()
-        self.failed_at: dict[str, float] = {}
+        self.resume_at = 0.0
+        """Uploads are paused (an outage) until this time.monotonic()."""
+        self.outage: str | None = None
+        self.outage_failures = 0
+        self._intake_lock = asyncio.Lock()
+        self._intakes: set[asyncio.Task[None]] = set()
         self.bucket: Bucket | None = None
         self.workers: dict[int, asyncio.Task[None]] = {}
         self.busy: set[int] = set()
@@ -89,39 +103,47 @@ class Service:
         self.live_roots: dict[str, roots.Root] = {}
         self.roots_scanned = asyncio.Event()
         self.roots_complete = False
+        self.roots_memory = roots.Memory(cfg.state_dir)
         self._reported: set[str] = set()
         self.metrics = Metrics()
         self.started = time.time()
         self.errors: dict[str, str] = {}
+        """Last error of each failing path (at most MAX_ERRORS, most recent last)."""
         self.cycles: dict[str, dict[str, Any]] = {}
         """last/next time and summary of each periodic job, for `nixcache status`."""
 
     # ---- input: FIFO and spool -------------------------------------------------------------
 
-    def accept(self, line: str, source: str) -> str | None:
-        """Journal and queue a store path received from the hook.
+    def _parse(self, lines: list[str]) -> tuple[list[str], list[str]]:
+        """Store paths among ``lines`` (blank ones ignored), and why the others were rejected."""
+        paths, reasons = [], []
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                paths.append(store.parse_store_path(line, self.cfg.store_dir))
+            except StoreError as e:
+                reasons.append(str(e))
+        return paths, reasons
 
-        Returns why the line was rejected, or None when it was accepted (or blank)."""
-        line = line.strip()
-        if not line:
-            return None
-        try:
-            path = store.parse_store_path(line, self.cfg.store_dir)
-        except StoreError as e:
-            return str(e)
-        if self.journal.add(path):
+    def _pending(self, paths: list[str], new: list[str], source: str) -> None:
+        """Journaled paths become pending: the feeder hands them to the workers."""
+        for path in new:
             log.info("path.received", path=path, source=source)
-        self._enqueue(path)
-        return None
+        for path in paths:
+            self.backlog.add(path)
+        self.backlog_changed.set()
 
-    def _enqueue(self, path: str) -> None:
-        if path in self.queued or self.stopping.is_set():
-            return
-        try:
-            self.queue.put_nowait(path)
-        except asyncio.QueueFull:
-            return  # stays in the journal; the refill loop enqueues it when there is room
-        self.queued.add(path)
+    async def _intake(self, paths: list[str], source: str) -> None:
+        """Journal (durably, off the event loop: one fsync per batch), then make pending."""
+        async with self._intake_lock:
+            try:
+                new = await asyncio.to_thread(self.journal.add_many, paths)
+            except OSError as e:  # disk full, read-only state dir: say so; the paths are lost
+                log.error("journal.error", error=str(e), lost=len(paths), first=paths[0])
+                return
+        self._pending(paths, new, source)
 
     def _open_fifo(self) -> None:
         fifo = self.cfg.fifo
@@ -152,6 +174,7 @@ class Service:
 
     def feed(self, data: bytes) -> None:
         """Split FIFO bytes into lines; overlong lines and undecodable bytes are rejected."""
+        lines: list[str] = []
         reasons: list[str] = []
         self._partial += data
         while True:
@@ -169,82 +192,117 @@ class Service:
                 self._discarding = False
                 continue
             try:
-                reason = self.accept(raw.decode("utf-8"), "fifo")
+                lines.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                reason = "bytes that are not UTF-8"
-            if reason is not None:
-                reasons.append(reason)
+                reasons.append("bytes that are not UTF-8")
+        paths, rejected = self._parse(lines)
+        reasons += rejected
         if reasons:
             log.warning("fifo.rejected", lines=len(reasons), first_reason=reasons[0][:300])
+        if paths:
+            task = asyncio.create_task(self._intake(paths, "fifo"))
+            self._intakes.add(task)
+            task.add_done_callback(self._intakes.discard)
 
-    def import_spool(self) -> None:
-        rejected: list[str] = []
+    async def import_spool(self) -> None:
+        """Journal what hooks spooled while nobody read the FIFO (off the event loop)."""
+        got: list[tuple[list[str], list[str], list[str]]] = []
 
-        def take(line: str) -> None:
-            reason = self.accept(line, "spool")
-            if reason is not None:
-                rejected.append(reason)
+        def accept(lines: list[str]) -> None:
+            paths, rejected = self._parse(lines)
+            got.append((paths, self.journal.add_many(paths), rejected))
 
-        n = self.journal.import_spool(take)
-        if n:
-            log.info("spool.imported", lines=n)
-        if rejected:
-            log.warning("spool.rejected", lines=len(rejected), first_reason=rejected[0][:300])
-
-    async def _refill_loop(self) -> None:
-        """Import spooled paths and enqueue pending ones (failed ones after retry_interval)."""
-
-        async def job() -> None:
+        async with self._intake_lock:
             try:
-                self.import_spool()
-                now = time.monotonic()
-                for path in self.journal.pending():
-                    if self.queue.full():
-                        break
-                    if now - self.failed_at.get(path, -1e18) >= self.cfg.upload.retry_interval:
-                        self._enqueue(path)
+                n = await asyncio.to_thread(self.journal.import_spool, accept)
             except OSError as e:
                 log.error("journal.error", error=str(e))
+                return
+        for paths, new, rejected in got:
+            self._pending(paths, new, "spool")
+            if rejected:
+                log.warning("spool.rejected", lines=len(rejected), first_reason=rejected[0][:300])
+        if n:
+            log.info("spool.imported", lines=n)
 
-        await self._every(lambda: self.cfg.upload.spool_interval, job)
+    async def _spool_loop(self) -> None:
+        await self._every(lambda: self.cfg.upload.spool_interval, self.import_spool)
+
+    async def _feed_loop(self) -> None:
+        """Hand due paths to the workers through the bounded queue; none during an outage."""
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            path = self.backlog.take(now) if now >= self.resume_at else None
+            if path is not None:
+                await self.queue.put(path)
+                continue
+            self.backlog_changed.clear()
+            due = self.backlog.next_due()
+            if now < self.resume_at:
+                timeout: float | None = self.resume_at - now
+            else:
+                timeout = None if due is None else max(0.0, due - now)
+            await self._wait(self.backlog_changed, timeout)
+
+    async def _wait(self, event: asyncio.Event, seconds: float | None) -> None:
+        """Until ``event`` is set, SIGTERM or ``seconds`` have passed (None: no limit)."""
+        waiters = {asyncio.create_task(event.wait()), asyncio.create_task(self.stopping.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     # ---- work ------------------------------------------------------------------------------
 
     async def _worker(self, idx: int) -> None:
         while not self.stopping.is_set() and idx < self.cfg.upload.workers:
             path = await self.queue.get()
+            if time.monotonic() < self.resume_at:  # an outage began after it was queued
+                self.backlog.release(path)
+                self.backlog_changed.set()
+                continue
             self.busy.add(idx)
             try:
                 await self._process(path)
             finally:
                 self.busy.discard(idx)
-                self.queued.discard(path)
         self.workers.pop(idx, None)
 
     async def _process(self, path: str) -> None:
+        """Push one pending path. Only a path no longer valid in the store is dropped; any
+        other failure leaves it pending (an outage of the bucket or of Nix pauses all)."""
         bucket = self.bucket
         assert bucket is not None
         with bucket.use() as uploader:
             try:
                 roots = await store.derivation_outputs(path) if path.endswith(".drv") else [path]
                 result = await uploader.push(roots)
-            except (StoreError, NarHashMismatch) as e:
-                log.error("path.skipped", path=path, error=str(e))
-                self.journal.remove(path)
+            except StoreError as e:
+                gone = await self._gone(path)
+                if gone:
+                    log.error("path.skipped", path=path, error=str(e), reason="no longer valid in the store")
+                    await self._forget(path)
+                else:  # gone is None: Nix could not be asked (nix-daemon restarting): an outage
+                    self._failed(path, e, outage=gone is None)
                 return
-            except NixcacheError as e:
-                self.failed_at[path] = time.monotonic()
-                self.errors[path] = str(e)
-                self.metrics.upload_failures += 1
-                log.warning("push.failed", path=path, error=str(e), retry_in=self.cfg.upload.retry_interval)
+            except S3Error as e:
+                self._failed(path, e, outage=True)
+                return
+            except NixcacheError as e:  # this path's own trouble (e.g. a NAR hash mismatch)
+                self._failed(path, e, outage=False)
                 return
             except Exception as e:  # a bug must not kill the worker; the path stays pending
-                self.failed_at[path] = time.monotonic()
                 log.exception("push.crashed", path=path, error=repr(e))
+                self._failed(path, e, outage=False)
                 return
-        self.failed_at.pop(path, None)
-        self.errors.pop(path, None)
-        self.journal.remove(path)
+        if bucket is not self.bucket and self.bucket is not None and bucket.target != self.bucket.target:
+            # Reloaded to another bucket meanwhile: pushed to the old one; now to the new one.
+            self.backlog.retry(path, time.monotonic())
+            self.backlog_changed.set()
+            return
+        self._recovered()
+        await self._forget(path)
         self.metrics.uploads += result.uploaded
         self.metrics.nar_bytes += result.nar_bytes
         self.metrics.compressed_bytes += result.file_bytes
@@ -261,6 +319,54 @@ class Service:
             requests=dict(result.requests),
         )
 
+    @staticmethod
+    async def _gone(path: str) -> bool | None:
+        """Is ``path`` (or, for a .drv, one of its outputs) no longer valid? None: Nix could
+        not be asked."""
+        try:
+            if await store.invalid_paths([path]):
+                return True
+            if path.endswith(".drv"):
+                return bool(await store.invalid_paths(await store.derivation_outputs(path)))
+            return False
+        except StoreError:
+            return None
+
+    async def _forget(self, path: str) -> None:
+        self.backlog.done(path)
+        self.errors.pop(path, None)
+        try:
+            await asyncio.to_thread(self.journal.remove, path)
+        except OSError as e:
+            log.error("journal.error", error=str(e), path=path)
+
+    def _failed(self, path: str, error: Exception, outage: bool) -> None:
+        """Retry ``path`` later. Failures of several paths in a row for a reason that is not
+        theirs (bucket unreachable, Nix unavailable) pause every upload for ``retry_interval``:
+        a week offline costs a few attempts per interval, not one per pending path."""
+        now, interval = time.monotonic(), self.cfg.upload.retry_interval
+        self.errors.pop(path, None)
+        self.errors[path] = str(error)
+        while len(self.errors) > MAX_ERRORS:
+            del self.errors[next(iter(self.errors))]
+        self.metrics.upload_failures += 1
+        self.backlog.retry(path, now + interval)
+        self.backlog_changed.set()  # the feeder may be waiting with no retry time to wake for
+        if outage:
+            self.outage_failures += 1
+            if self.outage_failures >= OUTAGE_AFTER and now >= self.resume_at:
+                self.resume_at = now + interval
+                if self.outage is None:
+                    log.warning("uploads.paused", error=str(error), retry_in=interval, pending=len(self.backlog))
+                self.outage = str(error)
+        log.warning("push.failed", path=path, error=str(error), retry_in=interval)
+
+    def _recovered(self) -> None:
+        self.outage_failures = 0
+        if self.outage is not None:
+            log.info("uploads.resumed", pending=len(self.backlog))
+            self.outage = None
+
     def _spawn_workers(self) -> None:
         for idx in range(self.cfg.upload.workers):
             if idx not in self.workers:
@@ -268,15 +374,14 @@ class Service:
 
     # ---- GC roots ----------------------------------------------------------------------------
 
-    def scan_roots(self) -> roots.Scan:
-        return roots.scan(self.cfg.roots_dirs(), self.cfg.store_dir)
-
     def _report(self, scan: roots.Scan) -> None:
         """Log each junk entry once, not at every rescan."""
-        for problem in [*scan.problems, *scan.unreadable]:
-            if problem not in self._reported:
-                self._reported.add(problem)
-                log.warning("roots.skipped", problem=problem)
+        for event, lines in (("roots.skipped", scan.problems), ("roots.unknown", scan.unreadable),
+                             ("roots.held", scan.held)):  # fmt: skip
+            for problem in lines:
+                if problem not in self._reported:
+                    self._reported.add(problem)
+                    log.warning(event, problem=problem)
 
     async def _roots_loop(self, watcher: roots.Watcher) -> None:
         """Scan, publish, then wait for inotify (debounced) or the periodic rescan."""
@@ -293,11 +398,11 @@ class Service:
             self.watcher.changed.set()
 
     async def _roots_round(self, watcher: roots.Watcher) -> None:
-        scan = await asyncio.to_thread(self.scan_roots)
+        scan = await roots.discover(self.cfg.roots_dirs(), self.cfg.store_dir, self.roots_memory)
         watcher.update(scan.dirs)
         self._report(scan)
         selected = roots.select(scan.roots, self.cfg.roots.include, self.cfg.roots.exclude)
-        self.live_roots, self.roots_complete = selected, not scan.unreadable
+        self.live_roots, self.roots_complete = selected, scan.complete
         self.roots_scanned.set()
         assert self.bucket is not None
         with self.bucket.use() as uploader:
@@ -357,7 +462,7 @@ class Service:
 
     async def dereference_now(self, requests: Counter[str] | None = None) -> None:
         if not self.roots_complete:
-            log.warning("dereference.skipped", reason="some roots directories could not be read")
+            log.warning("dereference.skipped", reason="some roots could not be read (see roots.unknown)")
             return
         assert self.bucket is not None
         with self.bucket.use() as uploader:
@@ -429,7 +534,7 @@ class Service:
 
     def refresh_gauges(self) -> Metrics:
         self.metrics.queue_depth = self.queue.qsize()
-        self.metrics.pending_paths = len(self.journal.pending())
+        self.metrics.pending_paths = len(self.backlog)
         self.metrics.in_flight = len(self.busy)
         self.metrics.requests = Counter(REQUESTS)
         return self.metrics
@@ -447,7 +552,11 @@ class Service:
             "in_flight": m.in_flight,
             "pending": m.pending_paths,
             "uploaded": m.uploads,
-            "failures": dict(sorted(self.errors.items())),
+            "failing": len(self.errors),
+            "failures": dict(list(self.errors.items())[-20:]),
+            "outage": None
+            if self.outage is None
+            else {"error": self.outage, "retry_in": round(max(0.0, self.resume_at - time.monotonic()), 1)},
             "roots": len(self.live_roots),
             "dereference": self.cycles.get("dereference"),
             "collection": self.cycles.get("collection"),
@@ -528,11 +637,15 @@ class Service:
                 log.warning("config.needs_restart", key=key)
         old, self.bucket = self.bucket, new
         if old is not None and old.uploader is not None and new.uploader is not None:
-            if (old.cfg.s3.endpoint, old.cfg.s3.bucket) == (cfg.s3.endpoint, cfg.s3.bucket):
+            if old.target == new.target:
                 new.uploader.known_present = set(old.uploader.known_present)
                 new.uploader.records.adopt(old.uploader.records)
-            else:
-                self.publisher.remote = None  # another bucket: its gcinfos are listed afresh
+            else:  # another bucket: nothing known of the old one applies (a fresh uploader)
+                self.publisher.remote = None  # its gcinfos are listed afresh…
+                self._roots_changed()  # …and every root is published to it now
+                self.resume_at, self.outage, self.outage_failures = 0.0, None, 0
+                self.backlog_changed.set()
+                log.info("bucket.changed", bucket=cfg.s3.bucket, endpoint=cfg.s3.endpoint)
             self._background_task(old.close())
         if cfg.hostname != self.cfg.hostname:
             self.publisher = Publisher(cfg)  # another folder in the bucket: listed (and claimed) afresh
@@ -554,17 +667,18 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._background_task(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        for path in await asyncio.to_thread(self.journal.pending):
+            self.backlog.add(path)
         self._open_fifo()
         servers = await self._start_servers()
-        self.import_spool()
-        for path in self.journal.pending():
-            self._enqueue(path)
         self._spawn_workers()
-        refill = asyncio.create_task(self._refill_loop(), name="refill")
+        refill = asyncio.create_task(self._spool_loop(), name="spool")
+        loops_feed = asyncio.create_task(self._feed_loop(), name="feed")
         watcher = self.watcher = roots.Watcher()
         watcher.start()
         loops = [
             refill,
+            loops_feed,
             asyncio.create_task(self._roots_loop(watcher), name="roots"),
             asyncio.create_task(self._dereference_loop(), name="dereference"),
             asyncio.create_task(self._collect_loop(), name="collect"),
@@ -577,7 +691,7 @@ class Service:
             loops.append(asyncio.create_task(self._watchdog_loop(period), name="watchdog"))
         sdnotify.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
-                 workers=self.cfg.upload.workers, pending=len(self.journal.pending()))  # fmt: skip
+                 workers=self.cfg.upload.workers, pending=len(self.backlog))  # fmt: skip
         await self.stopping.wait()
         for server in servers:
             server.close()
@@ -587,7 +701,7 @@ class Service:
 
     def status_line(self) -> str:
         return (
-            f"{len(self.journal.pending())} paths pending, {len(self.busy)} uploading, "
+            f"{len(self.backlog)} paths pending, {len(self.busy)} uploading, "
             f"{len(self.live_roots)} roots, bucket {self.cfg.s3.bucket}"
         )
 
@@ -602,8 +716,9 @@ class Service:
     async def _drain(self, loops: list[asyncio.Task[None]]) -> None:
         """Stop taking work, give in-flight uploads ``drain_timeout``, leave the rest pending."""
         sdnotify.notify("STOPPING=1")
-        log.info("service.stopping", in_flight=len(self.busy), pending=len(self.journal.pending()))
+        log.info("service.stopping", in_flight=len(self.busy), pending=len(self.backlog))
         self._close_fifo()
+        await asyncio.gather(*self._intakes, return_exceptions=True)  # what was read is journaled
         for loop in loops:
             loop.cancel()
         for idx, task in list(self.workers.items()):
@@ -618,4 +733,4 @@ class Service:
         await asyncio.gather(*loops, return_exceptions=True)
         if self.bucket is not None:
             await self.bucket.close()
-        log.info("service.stopped", pending=len(self.journal.pending()))
+        log.info("service.stopped", pending=len(self.backlog))

@@ -40,9 +40,15 @@ def render(status: dict[str, Any]) -> str:
         f"nixcache {status['version']} (pid {status['pid']}), up {status['uptime_seconds']:.0f}s, "
         f"config {status['config_file']}, bucket {status['bucket']}",
         f"uploads: {status['uploaded']} done, {status['in_flight']} in flight, {status['queue_depth']} queued, "
-        f"{status['pending']} pending in the journal, {len(status['failures'])} failing",
+        f"{status['pending']} pending in the journal, {status.get('failing', len(status['failures']))} failing",
     ]
-    lines += [f"  failing: {path}: {error}" for path, error in status["failures"].items()]
+    if status.get("outage"):
+        outage = status["outage"]
+        lines.append(f"  paused: {outage['error']} (next attempt in {outage['retry_in']:.0f}s)")
+    failures = status["failures"]
+    lines += [f"  failing: {path}: {error}" for path, error in failures.items()]
+    if status.get("failing", 0) > len(failures):
+        lines.append(f"  … and {status['failing'] - len(failures)} more (the {len(failures)} most recent are shown)")
     lines.append(f"roots: {status['roots']} local roots published")
     for job in ("dereference", "collection"):
         cycle = status.get(job)

@@ -77,17 +77,53 @@ def _path_info(entry: dict[str, object]) -> PathInfo:
 
 
 async def _run(*args: str) -> bytes:
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    return (await _run_both(*args))[0]
+
+
+async def _run_both(*args: str) -> tuple[bytes, bytes]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as e:  # no `nix` on PATH: not the path's fault
+        raise StoreError(f"cannot run {args[0]}: {e.strerror}") from None
     out, err = await proc.communicate()
     if proc.returncode != 0:
         lines = [ln for ln in err.decode(errors="replace").splitlines() if "error" in ln]
         raise StoreError((lines[-1] if lines else err.decode(errors="replace").strip()) or f"{args[0]} failed")
-    return out
+    return out, err
+
+
+@dataclass(frozen=True)
+class NixRoots:
+    """Nix's own root listing (``nix-store --gc --print-roots``), as its collector sees it."""
+
+    links: dict[str, str]
+    """link → store path. Through nix-daemon the links of the GC roots directories are real
+    names; runtime roots of other users' processes are censored."""
+    unreadable: frozenset[str]
+    """Potential roots Nix itself could not read (it skips them, with a message)."""
+
+
+_CANNOT_READ = re.compile(r"cannot read potential root '(.*)'")
+
+
+def parse_roots(out: str, err: str) -> NixRoots:
+    links = {}
+    for line in out.splitlines():
+        link, sep, target = line.rpartition(" -> ")
+        if sep and link:
+            links[link] = target
+    return NixRoots(links, frozenset(m.group(1) for m in _CANNOT_READ.finditer(err)))
+
+
+async def gc_roots() -> NixRoots:
+    """Ask Nix (nix-daemon, when ``NIX_REMOTE=daemon``) for every GC root it knows."""
+    out, err = await _run_both("nix-store", "--gc", "--print-roots")
+    return parse_roots(out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 async def closure(paths: list[str], recursive: bool = True) -> dict[str, PathInfo]:
@@ -96,6 +132,10 @@ async def closure(paths: list[str], recursive: bool = True) -> dict[str, PathInf
         return {}
     flags = ["--recursive"] if recursive else []
     out = await _run("nix", *NIX_COMMAND, "path-info", "--json", *flags, "--", *paths)
+    return await asyncio.to_thread(_parse_infos, out)  # a system closure: thousands of entries
+
+
+def _parse_infos(out: bytes) -> dict[str, PathInfo]:
     try:
         entries = json.loads(out)
     except json.JSONDecodeError as e:
@@ -107,6 +147,15 @@ async def closure(paths: list[str], recursive: bool = True) -> dict[str, PathInf
         info = _path_info(entry)
         infos[info.path] = info
     return infos
+
+
+async def invalid_paths(paths: list[str]) -> list[str]:
+    """Those of ``paths`` that are not valid in the store. Raises StoreError when Nix cannot be
+    asked (nix-daemon restarting): then nothing is known to be invalid."""
+    if not paths:
+        return []
+    out = await _run("nix-store", "--check-validity", "--print-invalid", "--", *paths)
+    return out.decode().split()
 
 
 async def derivation_outputs(drv_path: str) -> list[str]:

@@ -128,7 +128,7 @@ def interrupted_publish(alpha: Host, beta: Host, monkeypatch: pytest.MonkeyPatch
                 await real_put(key, body, *a, **kw)
 
             s3.put = put  # type: ignore[method-assign]
-            selected, _ = local_roots(cfg)
+            selected, _ = await local_roots(cfg)
             await Publisher(cfg).publish(Uploader(cfg, s3, load_signing_key(cfg)), selected)
 
     with pytest.raises(S3Error):
@@ -370,7 +370,7 @@ def test_h7_a_presence_answered_before_a_deletion_and_cached_after_its_eviction_
             resume.set()
             with pytest.raises(S3Error):
                 await job_a  # fails before its own check; a daemon retries it later
-            selected, _ = local_roots(cfg)
+            selected, _ = await local_roots(cfg)
             published = await Publisher(cfg).publish(uploader, selected)  # job C
             assert published.published == [one], published
             network["two_fails"] = False

@@ -153,8 +153,8 @@ async def service_of(host: Host) -> Service:
     cfg, path = load_config(host.config)
     svc = Service(cfg, path)
     svc.bucket = await ServiceBucket(cfg).open()
-    selected, scan = local_roots(cfg)
-    svc.live_roots, svc.roots_complete = selected, not scan.unreadable
+    selected, scan = await local_roots(cfg)
+    svc.live_roots, svc.roots_complete = selected, scan.complete
     return svc
 
 
@@ -195,7 +195,7 @@ def test_a_publish_rerun_takes_every_retained_record_as_settled_and_never_repair
 
     async def go() -> None:
         async with S3(acfg.s3) as s3a, collection_racing(bcfg, s3a, layout.narinfo_key(a), killed):
-            selected, _ = local_roots(acfg)
+            selected, _ = await local_roots(acfg)
             with pytest.raises(Killed):
                 await Publisher(acfg).publish(Uploader(acfg, s3a, load_signing_key(acfg)), selected, learn=True)
 
@@ -391,7 +391,7 @@ def test_after_a_reload_a_record_learnt_by_an_old_job_is_never_learnt_by_the_new
             b_go.set()
             await job_b
             alpha.root("two", two)
-            selected, _ = local_roots(acfg)
+            selected, _ = await local_roots(acfg)
             with new.use() as uploader:
                 result = await svc.publisher.publish(uploader, selected)  # a roots round
             assert result.published == [two], result
@@ -441,7 +441,7 @@ def test_an_unreadable_done_record_leaves_the_presence_cache_trusted(
             assert not any(bucket.has_narinfo(p) for p in closure_of(two)), "setup: beta collected two"
             await uploader.push([unrelated])  # job 1
             alpha.root("two", two)
-            selected, _ = local_roots(acfg)
+            selected, _ = await local_roots(acfg)
             result = await Publisher(acfg).publish(uploader, selected)  # job 2
             assert result.published == [two], result
 

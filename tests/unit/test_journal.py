@@ -31,5 +31,5 @@ def test_spool_import_skips_unfinished_files_and_drops_abandoned_ones(tmp_path: 
     past = time.time() - STALE_SPOOL_TMP - 10
     os.utime(old, (past, past))
     seen: list[str] = []
-    assert j.import_spool(seen.append) == 1 and seen == [P]
+    assert j.import_spool(seen.extend) == 1 and seen == [P]
     assert sorted(p.name for p in j.spool_dir.iterdir()) == [".2-2.paths"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from nixcache import gcinfo, layout
 from nixcache.config import parse_config
 from nixcache.publisher import Publisher, build_gcinfo, closure_of
-from nixcache.roots import Root, is_kept, scan, select
-from nixcache.store import PathInfo
+from nixcache.roots import Memory, Root, Scan, Unresolved, is_kept, resolve, scan, select
+from nixcache.store import PathInfo, parse_roots
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"  # 32 nix32 characters
 
@@ -119,3 +120,79 @@ def test_scan_follows_indirect_links_profiles_and_survives_loops(tmp_path: Path)
     assert (os.fspath(profiles / "p"), os.fspath(profiles / "p-1-link")) in root.chains
     assert found.problems == [] and found.unreadable == []
     assert {os.fspath(gc), os.fspath(gc / "auto"), os.fspath(profiles)} <= found.dirs
+
+
+def test_scan_reports_what_it_cannot_follow_as_unresolved_not_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unprivileged, a link into a 0700 home fails with EACCES, a loop with ELOOP, a removed
+    out-link with ENOENT: none of them is junk, all are left to ``resolve``."""
+    store = tmp_path / "store"
+    (store / f"{H}-pkg").mkdir(parents=True)
+    gc, home = tmp_path / "gc", tmp_path / "home" / "alice"
+    gc.mkdir()
+    home.mkdir(parents=True)
+    (home / "result").symlink_to(store / f"{H}-pkg")
+    (gc / "alice").symlink_to(home / "result")
+    (gc / "gone").symlink_to(tmp_path / "removed-result")
+    (gc / "loop").symlink_to(gc / "loop")
+    real_lstat = os.lstat
+
+    def lstat(path: str | os.PathLike[str], *a: object, **kw: object) -> os.stat_result:
+        if os.fspath(path).startswith(os.fspath(home)):  # as the DynamicUser sees a 0700 home
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_lstat(path)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    found = scan([gc], str(store))
+    assert found.roots == {} and found.problems == [] and not found.complete
+    by_link = {u.chain[0]: u for u in found.unresolved}
+    assert by_link[os.fspath(gc / "alice")].errno == errno.EACCES
+    assert by_link[os.fspath(gc / "alice")].target == os.fspath(home / "result")
+    assert by_link[os.fspath(gc / "gone")].errno == errno.ENOENT
+    assert by_link[os.fspath(gc / "loop")].errno == errno.ELOOP
+
+
+def _unresolved(link: str, target: str, err: int) -> Unresolved:
+    return Unresolved((link,), target, err)
+
+
+def test_resolve_takes_nix_listing_then_memory_and_never_calls_unknown_gone() -> None:
+    pkg, old = sp("pkg", "1" * 32), "/"  # "/" exists: a remembered store path still present
+    listing = parse_roots(
+        f"/home/alice/result -> {pkg}\n{{censored}} -> {sp('x', '2' * 32)}\n/proc/1/maps -> {sp('y', '3' * 32)}\n",
+        "cannot read potential root '/mnt/broken/result'\n",
+    )
+    assert listing.links["/home/alice/result"] == pkg and listing.unreadable == {"/mnt/broken/result"}
+    cases = [
+        _unresolved("/gc/auto/a", "/home/alice/result", errno.EACCES),  # Nix lists it: a root
+        _unresolved("/gc/auto/b", "/tmp/removed/result", errno.ENOENT),  # Nix agrees it dangles: gone
+        _unresolved("/gc/auto/c", "/mnt/broken/result", errno.ENOENT),  # Nix could not read it either
+        _unresolved("/gc/auto/d", "/home/bob/loop", errno.ELOOP),  # not listed; remembered
+        _unresolved("/gc/auto/e", "/home/carol/x", errno.EACCES),  # not listed; never known
+    ]
+    result = resolve(Scan(unresolved=list(cases)), listing, {"/gc/auto/d": old, "/gc/auto/b": old})
+    assert result.roots[pkg].chains == (("/gc/auto/a", "/home/alice/result"),)
+    assert result.roots[old].chains == (("/gc/auto/d", "/home/bob/loop"),)
+    assert len(result.held) == 1 and "/gc/auto/d" in result.held[0]
+    assert [p.split(":")[0] for p in result.problems] == ["/gc/auto/b"], "only what Nix shows dangling is gone"
+    assert sorted(u.split(":")[0] for u in result.unreadable) == ["/gc/auto/c", "/gc/auto/e"]
+    assert not result.complete, "an unknown link with no known store path: dereference must wait"
+
+    # Nix unavailable (nix-daemon restarting): nothing is gone, the remembered ones are held.
+    offline = resolve(Scan(unresolved=list(cases)), None, {"/gc/auto/b": old})
+    assert offline.problems == [] and list(offline.roots) == [old] and len(offline.unreadable) == 4
+
+
+def test_memory_persists_the_last_target_of_each_entry_and_forgets_removed_ones(tmp_path: Path) -> None:
+    pkg = sp("pkg", "1" * 32)
+    memory = Memory(tmp_path)
+    memory.update(Scan(roots={pkg: Root(pkg, (("/gc/auto/a", "/home/a/result"), ("/gc/p",)))}))
+    assert Memory(tmp_path).known == {"/gc/auto/a": pkg, "/gc/p": pkg}
+    memory.update(Scan(roots={pkg: Root(pkg, (("/gc/p",),))}))
+    assert Memory(tmp_path).known == {"/gc/p": pkg}
+    (tmp_path / "roots-known.json").write_text("[garbage")
+    assert Memory(tmp_path).known == {}, "a corrupt file is forgotten, not fatal"
+    read_only = Memory(tmp_path, write=False)
+    read_only.update(Scan(roots={pkg: Root(pkg, (("/gc/q",),))}))
+    assert (tmp_path / "roots-known.json").read_text() == "[garbage"
