@@ -109,14 +109,14 @@ in
     gcrootsDir = mkOption { type = types.str; default = "/nix/var/nix/gcroots"; description = "GC roots to watch."; };
 
     compression = mkOption { type = types.enum [ "zstd" "xz" "none" ]; default = "zstd"; description = "NAR compression."; };
-    compressionLevel = mkOption { type = nullOr types.int; default = null; description = "Compression level (zstd 3, xz 6 when null)."; };
-    workers = mkOption { type = types.int; default = 4; description = "Concurrent uploads."; };
+    compressionLevel = mkOption { type = nullOr (types.ints.between 0 22); default = null; description = "Compression level (zstd 3, xz 6 when null)."; };
+    workers = mkOption { type = types.ints.between 1 64; default = 4; description = "Concurrent uploads."; };
     skipSignedBy = mkOption {
       type = types.listOf types.str;
       default = [ "cache.nixos.org-1" ];
       description = "Paths signed by these keys are upstream and never uploaded.";
     };
-    priority = mkOption { type = types.int; default = 40; description = "Priority in nix-cache-info."; };
+    priority = mkOption { type = types.ints.unsigned; default = 40; description = "Priority in nix-cache-info."; };
 
     roots = {
       include = mkOption { type = types.listOf types.str; default = [ "*" ]; description = "Globs selecting the roots to publish."; };
@@ -175,7 +175,9 @@ in
       after = [ "network-online.target" "nix-daemon.service" ];
       wants = [ "network-online.target" ];
       path = [ config.nix.package ];
-      environment = { HOME = stateDir; XDG_CACHE_HOME = "${stateDir}/cache"; };
+      # Store queries and the roots listing go through nix-daemon (it runs as root, and it lists the
+      # roots in homes this unprivileged service cannot enter: docs/nixos.md, "What the service reads").
+      environment = { HOME = stateDir; XDG_CACHE_HOME = "${stateDir}/cache"; NIX_REMOTE = "daemon"; };
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
