@@ -97,6 +97,9 @@ def spool(spool_dir: str, lines: list[bytes]) -> None:
     name = f"{time.time_ns()}-{os.getpid()}.paths"
     tmp = os.path.join(spool_dir, "." + name)
     with open(tmp, "wb") as f:
+        # nix-daemon runs the hook as root: the unprivileged service must read it, whatever
+        # the daemon's umask (store paths are no secret).
+        os.fchmod(f.fileno(), 0o644)
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())

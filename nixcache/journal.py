@@ -48,6 +48,8 @@ class Journal:
         self.spool_dir = Path(defaults.spool_dir(str(state_dir)))
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.unreadable: set[str] = set()
+        """spool files that could not be read (reported by the daemon)."""
         # A crash (kill -9) in the middle of `write_atomic` leaves its temporary file behind;
         # the entry it was writing never existed. Only this process writes here: clear them.
         for tmp in self.pending_dir.glob(".*.tmp"):
@@ -104,7 +106,8 @@ class Journal:
         for f in sorted(p for p in self.spool_dir.iterdir() if not p.name.startswith(".")):
             try:
                 data = f.read_bytes()
-            except OSError:
+            except OSError as e:  # left in place: a later version, or a fixed mode, may read it
+                self.unreadable.add(f"{f}: {e.strerror}")
                 continue
             lines += data.decode(errors="replace").splitlines()
             files.append(f)

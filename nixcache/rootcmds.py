@@ -25,8 +25,9 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
     """(state, root, how it was found) for every local root and every published gcinfo:
     published (bucket has exactly this closure), stale (it has an older one), missing, gone
     (published, no longer a local root: the next dereference trashes it), pinned (gone, but
-    matches `keep`)."""
-    selected, _ = await local_roots(cfg)
+    matches `keep`), and links that lead nobody knows where: unknown (dereference waits) or
+    held (kept as the store path they last led to)."""
+    selected, scan = await local_roots(cfg)
     publisher = Publisher(cfg)
     async with S3(cfg.s3) as bucket:
         remote = await publisher.list_remote(bucket, claim=False)
@@ -42,6 +43,8 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
             rows.append(("gone", store_path, key))
         elif store_path not in selected:
             rows.append(("pinned", store_path, key))
+    rows += [("unknown", line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in scan.unreadable]
+    rows += [("held", line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in scan.held]
     return rows
 
 

@@ -25,7 +25,7 @@ from nixcache.logs import get
 from nixcache.metrics import Metrics
 from nixcache.publisher import CycleResult, Publisher
 from nixcache.s3 import REQUESTS, S3, job_requests
-from nixcache.uploader import Uploader
+from nixcache.uploader import PushResult, Uploader
 
 log = get("nixcache.service")
 
@@ -34,6 +34,9 @@ READ_SIZE = 1 << 16
 MAX_ERRORS = 1000
 """Failing paths whose last error is kept for `nixcache status` (the most recent ones)."""
 OUTAGE_AFTER = 3
+"""Failures in a row, of different paths, for a reason not theirs, that pause all uploads."""
+BATCH = 64
+"""Pending paths a worker pushes as one job when they are queued together."""
 """Failures in a row, of different paths, for a reason not theirs, that pause all uploads."""
 
 
@@ -224,6 +227,9 @@ class Service:
                 log.warning("spool.rejected", lines=len(rejected), first_reason=rejected[0][:300])
         if n:
             log.info("spool.imported", lines=n)
+        for problem in sorted(self.journal.unreadable - self._reported):
+            self._reported.add(problem)
+            log.error("spool.unreadable", problem=problem)
 
     async def _spool_loop(self) -> None:
         await self._every(lambda: self.cfg.upload.spool_interval, self.import_spool)
@@ -257,17 +263,52 @@ class Service:
 
     async def _worker(self, idx: int) -> None:
         while not self.stopping.is_set() and idx < self.cfg.upload.workers:
-            path = await self.queue.get()
-            if time.monotonic() < self.resume_at:  # an outage began after it was queued
-                self.backlog.release(path)
-                self.backlog_changed.set()
-                continue
+            paths = [await self.queue.get()]
+            while len(paths) < BATCH and not self.queue.empty():
+                paths.append(self.queue.get_nowait())
             self.busy.add(idx)
             try:
-                await self._process(path)
+                await self._process_batch(paths)
             finally:
                 self.busy.discard(idx)
         self.workers.pop(idx, None)
+
+    def _paused(self, paths: list[str]) -> bool:
+        """During an outage, hand ``paths`` back untried (they were queued before it began)."""
+        if time.monotonic() >= self.resume_at:
+            return False
+        for path in paths:
+            self.backlog.release(path)
+        self.backlog_changed.set()
+        return True
+
+    async def _process_batch(self, paths: list[str]) -> None:
+        """Push several pending paths as one job (one closure query, one presence check, one
+        check of the deletion records): a week's backlog drains in batches. If the batch
+        fails, each path is pushed alone, to find out which one failed and why."""
+        if self._paused(paths):
+            return
+        if len(paths) == 1 or any(p.endswith(".drv") for p in paths):
+            for n, path in enumerate(paths):
+                if self._paused(paths[n:]):
+                    return
+                await self._process(path)
+            return
+        bucket = self.bucket
+        assert bucket is not None
+        with bucket.use() as uploader:
+            try:
+                result = await uploader.push(paths)
+            except Exception as e:
+                log.info("push.batch_failed", paths=len(paths), error=str(e) or repr(e), then="one by one")
+                result = None
+        if result is None:
+            for n, path in enumerate(paths):
+                if self._paused(paths[n:]):
+                    return
+                await self._process(path)
+            return
+        await self._pushed(bucket, paths, result)
 
     async def _process(self, path: str) -> None:
         """Push one pending path. Only a path no longer valid in the store is dropped; any
@@ -296,19 +337,25 @@ class Service:
                 log.exception("push.crashed", path=path, error=repr(e))
                 self._failed(path, e, outage=False)
                 return
+        await self._pushed(bucket, [path], result)
+
+    async def _pushed(self, bucket: Bucket, paths: list[str], result: PushResult) -> None:
         if bucket is not self.bucket and self.bucket is not None and bucket.target != self.bucket.target:
             # Reloaded to another bucket meanwhile: pushed to the old one; now to the new one.
-            self.backlog.retry(path, time.monotonic())
+            for path in paths:
+                self.backlog.retry(path, time.monotonic())
             self.backlog_changed.set()
             return
         self._recovered()
-        await self._forget(path)
+        for path in paths:
+            await self._forget(path)
         self.metrics.uploads += result.uploaded
         self.metrics.nar_bytes += result.nar_bytes
         self.metrics.compressed_bytes += result.file_bytes
         log.info(
             "push.done",
-            path=path,
+            path=paths[0],
+            paths=paths,
             closure=result.closure,
             upstream=result.upstream,
             already_present=result.present,

@@ -250,7 +250,7 @@ def test_the_daemon_pushes_after_another_host_collected_what_it_believed_present
     alpha = Host(tmp_path, bucket, signing_key[0], "alpha", collect=False)
     daemon = Daemon(alpha.config, tmp_path / "daemon.log").start()
     send_to_daemon(alpha, one)
-    done = wait_for(daemon, "push.done", 0, 20, lambda e: e["path"] == one)
+    done = wait_for(daemon, "push.done", 0, 20, lambda e: one in e["paths"])
     assert done["already_present"] == len(closure_of(one)), done
 
     beta.unroot("one")
@@ -261,7 +261,7 @@ def test_the_daemon_pushes_after_another_host_collected_what_it_believed_present
     before = count(daemon, "roots.published", published)
     send_to_daemon(alpha, two)
     alpha.root("one", one)
-    wait_for(daemon, "push.done", 0, 20, lambda e: e["path"] == two)
+    wait_for(daemon, "push.done", 0, 20, lambda e: two in e["paths"])
     wait_for(daemon, "roots.published", before, 20, published)
     assert_whole(bucket, alpha, signing_key[1], [one, two], tmp_path)
     assert daemon.stop() == 0

@@ -270,3 +270,44 @@ def test_wrong_credentials_are_reported_and_a_reload_with_good_ones_uploads(
     daemon.wait_event("config.reloaded", 10)
     wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 30, "upload with the new credentials")
     assert daemon.stop() == 0
+
+
+def test_sighup_to_another_bucket_rekeys_everything_that_belongs_to_a_bucket(
+    tmp_path: Path, bucket: Bucket, signing_key: tuple[Path, str]
+) -> None:
+    """SIGHUP from bucket A to bucket B: the roots are published to B (A's listing of this host's
+    gcinfos is not taken for B's), uploads go to B, and nothing is skipped because A has it
+    (the presence caches and the deletion records belong to A)."""
+    from nixcache.layout import gcinfo_name
+    from tests.harness import new_bucket, run_cli
+
+    daemon = start_daemon(tmp_path, bucket, signing_key)
+    fifo = tmp_path / "run" / "hook.fifo"
+    rooted = nix_build(tmp_path, out="rooted")
+    (tmp_path / "gcroots" / "r").symlink_to(rooted[-1])
+    wait_until(lambda: bucket.gcinfos("gcroots/testhost/"), 20, "the root published to A")
+    pushed = nix_build(tmp_path, out="pushed")
+    with open(fifo, "w") as f:
+        f.write(pushed[-1] + "\n")
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in pushed + rooted), 20, "both closures in A")
+
+    b = new_bucket(bucket.endpoint)
+    write_config(daemon.config, base_settings(tmp_path, b, signing_key[0]))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("bucket.changed", 10)
+    wait_until(lambda: b.gcinfos("gcroots/testhost/"), 20, "the root published to B")
+    assert b.gcinfos("gcroots/testhost/") == ["gcroots/testhost/" + gcinfo_name(rooted[-1])]
+    assert all(b.has_narinfo(p) for p in rooted), "the root's closure, present in A, uploaded to B"
+    assert b.get("gcroots/testhost/.claim") is not None, "B's folder claimed for this machine"
+
+    with open(fifo, "w") as f:  # in A already: B does not have it
+        f.write(pushed[-1] + "\n")
+    fresh = nix_build(tmp_path, out="fresh")
+    with open(fifo, "w") as f:
+        f.write(fresh[-1] + "\n")
+    wait_until(lambda: all(b.has_narinfo(p) for p in pushed + fresh), 20, "uploads go to B")
+    assert not any(bucket.has_narinfo(p) for p in fresh if p not in pushed + rooted), "nothing new went to A"
+    assert daemon.stop() == 0
+    assert_uploaded(b, pushed + fresh + rooted, signing_key[1])
+    verify = run_cli(daemon.config, "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
