@@ -4,8 +4,8 @@ The journal (one file per path) is the durable copy; reading it on every status 
 watchdog ping or refill would cost a file read per pending path (a week offline: 100,000).
 The backlog is loaded from it once, then kept in step: O(1) to count, O(log n) to take.
 
-Never-tried paths go first, oldest first; a path whose push failed waits until its retry
-time. Pure bookkeeping: no I/O, no clock (the caller passes ``now``).
+Failed paths go first once their retry time has come, then never-tried paths, oldest
+first. Pure bookkeeping: no I/O, no clock (the caller passes ``now``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Backlog:
         self._due: dict[str, float] = {}
         self._taken: set[str] = set()
         """Handed to a worker, not done yet."""
+        self._again: set[str] = set()
+        """Taken paths received again meanwhile."""
         self._seq = itertools.count()
 
     def __len__(self) -> int:
@@ -42,24 +44,33 @@ class Backlog:
 
     def add(self, path: str) -> bool:
         """A path received (again): pending unless it already is. True if it is new."""
+        if path in self._taken:
+            self._again.add(path)  # e.g. rebuilt while a worker found it gone: judge again
+            return False
         if path in self:
             return False
         self._fresh[path] = None
         return True
 
+    def reported_again(self, path: str) -> bool:
+        """Was ``path`` received again while a worker had it?"""
+        return path in self._again
+
     def take(self, now: float) -> str | None:
-        """The next path due (marked in flight), or None."""
-        if self._fresh:
+        """The next path due (marked in flight), or None. Failed paths whose time has come go
+        before fresh ones: a steady stream of new builds must not postpone retries forever."""
+        path = None
+        while self._later and self._later[0][0] <= now:
+            due, _, head = heapq.heappop(self._later)
+            if self._due.get(head) == due:
+                del self._due[head]
+                path = head
+                break
+        if path is None:
+            if not self._fresh:
+                return None
             path = next(iter(self._fresh))
             del self._fresh[path]
-        else:
-            while self._later and self._later[0][0] <= now:
-                due, _, path = heapq.heappop(self._later)
-                if self._due.get(path) == due:
-                    del self._due[path]
-                    break
-            else:
-                return None
         self._taken.add(path)
         return path
 
@@ -72,6 +83,7 @@ class Backlog:
     def done(self, path: str) -> None:
         """Uploaded (or gone from the store): no longer pending."""
         self._taken.discard(path)
+        self._again.discard(path)
         self._fresh.pop(path, None)
         self._due.pop(path, None)
 

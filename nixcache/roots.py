@@ -116,6 +116,10 @@ def scan(dirs: Iterable[Path], store_dir: str) -> Scan:
                     follow(entry.path)
                 elif entry.is_dir(follow_symlinks=False):
                     visit_dir(entry.path)
+                elif os.path.lexists(path := os.path.join(store_dir, entry.name)) and entry.is_file():
+                    # Nix's collector also takes a regular file named after a store path as
+                    # a root of that path (the old `nix-store --add-root --indirect` form).
+                    chains.setdefault(path, []).append((entry.path,))
                 else:
                     result.problems.append(f"{entry.path}: not a symlink")
             except OSError as e:
@@ -178,6 +182,8 @@ def resolve(result: Scan, listing: store.NixRoots | None, known: Mapping[str, st
         if remembered is not None and os.path.lexists(remembered):
             _add(result.roots, remembered, chain)
             result.held.append(f"{u.describe()}: kept as {remembered}, its last known target")
+            if listing is None:  # it may lead elsewhere now, to a root Nix would list
+                result.unreadable.append(f"{u.describe()}: Nix could not be asked, the link may have changed")
             continue
         why = "Nix could not be asked" if listing is None else "Nix does not list it"
         result.unreadable.append(f"{u.describe()}: {why}, and no store path is known for it")

@@ -37,6 +37,9 @@ OUTAGE_AFTER = 3
 """Failures in a row, of different paths, for a reason not theirs, that pause all uploads."""
 BATCH = 64
 """Pending paths a worker pushes as one job when they are queued together."""
+LOG_EACH = 100
+"""Received paths logged one per line up to this many at once; more get one summary line."""
+"""Pending paths a worker pushes as one job when they are queued together."""
 """Failures in a row, of different paths, for a reason not theirs, that pause all uploads."""
 
 
@@ -90,6 +93,7 @@ class Service:
         self.outage: str | None = None
         self.outage_failures = 0
         self._intake_lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()
         self._intakes: set[asyncio.Task[None]] = set()
         self.bucket: Bucket | None = None
         self.workers: dict[int, asyncio.Task[None]] = {}
@@ -132,8 +136,11 @@ class Service:
 
     def _pending(self, paths: list[str], new: list[str], source: str) -> None:
         """Journaled paths become pending: the feeder hands them to the workers."""
-        for path in new:
-            log.info("path.received", path=path, source=source)
+        if len(new) <= LOG_EACH:
+            for path in new:
+                log.info("path.received", path=path, source=source)
+        else:  # a spool of a week offline: one line, not 100,000 on the event loop
+            log.info("paths.received", paths=len(new), first=new[0], last=new[-1], source=source)
         for path in paths:
             self.backlog.add(path)
         self.backlog_changed.set()
@@ -162,8 +169,18 @@ class Service:
         asyncio.get_running_loop().add_reader(self._fifo_fd, self._on_fifo_readable)
 
     def _close_fifo(self) -> None:
+        """Stop reading, but first take what hooks already wrote (their write succeeded: they
+        spooled nothing, so it exists nowhere else)."""
         if self._fifo_fd is not None:
             asyncio.get_running_loop().remove_reader(self._fifo_fd)
+            while True:
+                try:
+                    data = os.read(self._fifo_fd, READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:
+                    break
+                self.feed(data)
             os.close(self._fifo_fd)
             self._fifo_fd = None
 
@@ -269,6 +286,12 @@ class Service:
             self.busy.add(idx)
             try:
                 await self._process_batch(paths)
+            except Exception as e:  # a bug must not end the worker: its paths stay pending
+                log.exception("push.crashed", paths=len(paths), error=repr(e))
+                for path in paths:
+                    if path in self.backlog:
+                        self.backlog.retry(path, time.monotonic() + self.cfg.upload.retry_interval)
+                self.backlog_changed.set()
             finally:
                 self.busy.discard(idx)
         self.workers.pop(idx, None)
@@ -321,7 +344,10 @@ class Service:
                 result = await uploader.push(roots)
             except StoreError as e:
                 gone = await self._gone(path)
-                if gone:
+                if gone and self.backlog.reported_again(path):  # rebuilt meanwhile: judge again
+                    self.backlog.retry(path, time.monotonic())
+                    self.backlog_changed.set()
+                elif gone:
                     log.error("path.skipped", path=path, error=str(e), reason="no longer valid in the store")
                     await self._forget(path)
                 else:  # gone is None: Nix could not be asked (nix-daemon restarting): an outage
@@ -340,14 +366,15 @@ class Service:
         await self._pushed(bucket, [path], result)
 
     async def _pushed(self, bucket: Bucket, paths: list[str], result: PushResult) -> None:
-        if bucket is not self.bucket and self.bucket is not None and bucket.target != self.bucket.target:
-            # Reloaded to another bucket meanwhile: pushed to the old one; now to the new one.
-            for path in paths:
-                self.backlog.retry(path, time.monotonic())
-            self.backlog_changed.set()
-            return
         self._recovered()
-        for path in paths:
+        for n, path in enumerate(paths):
+            if self.bucket is not None and bucket.target != self.bucket.target:
+                # Reloaded to another bucket (now, or while the last entry was removed): the
+                # rest went to the old one only; queue them again for the new one.
+                for rest in paths[n:]:
+                    self.backlog.retry(rest, time.monotonic())
+                self.backlog_changed.set()
+                return
             await self._forget(path)
         self.metrics.uploads += result.uploaded
         self.metrics.nar_bytes += result.nar_bytes
@@ -409,7 +436,7 @@ class Service:
         log.warning("push.failed", path=path, error=str(error), retry_in=interval)
 
     def _recovered(self) -> None:
-        self.outage_failures = 0
+        self.outage_failures, self.resume_at = 0, 0.0
         if self.outage is not None:
             log.info("uploads.resumed", pending=len(self.backlog))
             self.outage = None
@@ -451,15 +478,17 @@ class Service:
         selected = roots.select(scan.roots, self.cfg.roots.include, self.cfg.roots.exclude)
         self.live_roots, self.roots_complete = selected, scan.complete
         self.roots_scanned.set()
-        assert self.bucket is not None
-        with self.bucket.use() as uploader:
-            try:
-                async with self.roots_lock:
+        try:
+            # The bucket and its publisher are taken under the lock, together: a reload to
+            # another bucket while this round waited must not mix one's client with the other's.
+            async with self.roots_lock:
+                assert self.bucket is not None
+                with self.bucket.use() as uploader:
                     result = await self.publisher.publish(uploader, selected)
-                self.metrics.roots_published += len(result.published)
-                self._log_cycle("roots.published", result, roots=len(selected))
-            except NixcacheError as e:
-                log.warning("roots.publish_failed", error=str(e))
+            self.metrics.roots_published += len(result.published)
+            self._log_cycle("roots.published", result, roots=len(selected))
+        except NixcacheError as e:
+            log.warning("roots.publish_failed", error=str(e))
 
     async def _wait_for_change(self, watcher: roots.Watcher) -> None:
         stop = asyncio.create_task(self.stopping.wait())
@@ -511,20 +540,23 @@ class Service:
         if not self.roots_complete:
             log.warning("dereference.skipped", reason="some roots could not be read (see roots.unknown)")
             return
-        assert self.bucket is not None
-        with self.bucket.use() as uploader:
-            try:
-                async with self.roots_lock:  # never between a publish's writes and its checks
+        try:
+            async with self.roots_lock:  # never between a publish's writes and its checks
+                if not self.roots_complete:  # the scan that finished while we waited
+                    log.warning("dereference.skipped", reason="some roots could not be read (see roots.unknown)")
+                    return
+                assert self.bucket is not None
+                with self.bucket.use() as uploader:
                     result = await self.publisher.dereference(uploader.s3, self.live_roots)
-                result.requests.update(requests or Counter())  # the cycle's whole cost
-                self.metrics.gcinfos_trashed += len(result.moved)
-                self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
-                            requests=dict(result.requests))  # fmt: skip
-                self._log_cycle("dereference.done", result)
-            except NixcacheError as e:
-                log.warning("dereference.failed", error=str(e))
-            except Exception as e:  # a bug: keep the daemon (and its uploads) running
-                log.exception("dereference.crashed", error=repr(e))
+            result.requests.update(requests or Counter())  # the cycle's whole cost
+            self.metrics.gcinfos_trashed += len(result.moved)
+            self._cycle("dereference", self.cfg.gc.dereference_interval, trashed=len(result.moved),
+                        requests=dict(result.requests))  # fmt: skip
+            self._log_cycle("dereference.done", result)
+        except NixcacheError as e:
+            log.warning("dereference.failed", error=str(e))
+        except Exception as e:  # a bug: keep the daemon (and its uploads) running
+            log.exception("dereference.crashed", error=repr(e))
 
     async def _collect_loop(self) -> None:
         await self.roots_scanned.wait()  # our own roots are published before we judge others'
@@ -639,7 +671,7 @@ class Service:
     async def _metrics_textfile_loop(self, path: Path) -> None:
         async def job() -> None:
             try:
-                write_atomic(path, self.refresh_gauges().render().encode())
+                await asyncio.to_thread(write_atomic, path, self.refresh_gauges().render().encode())
             except OSError as e:
                 log.warning("metrics.textfile_failed", path=str(path), error=e.strerror)
 
@@ -672,7 +704,12 @@ class Service:
     # ---- control ---------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP: apply a new config; keep the old one if the new one is broken."""
+        """SIGHUP: apply a new config; keep the old one if the new one is broken. One reload
+        at a time, in signal order: the last SIGHUP's config is the one that stays."""
+        async with self._reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         try:
             cfg, _ = load_config(self.config_file)
             new = await Bucket(cfg).open()
@@ -688,7 +725,7 @@ class Service:
                 new.uploader.known_present = set(old.uploader.known_present)
                 new.uploader.records.adopt(old.uploader.records)
             else:  # another bucket: nothing known of the old one applies (a fresh uploader)
-                self.publisher.remote = None  # its gcinfos are listed afresh…
+                self.publisher = Publisher(cfg)  # its gcinfos are listed afresh…
                 self._roots_changed()  # …and every root is published to it now
                 self.resume_at, self.outage, self.outage_failures = 0.0, None, 0
                 self.backlog_changed.set()

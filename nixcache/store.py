@@ -14,6 +14,8 @@ from nixcache.errors import StoreError
 NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
 _BASENAME = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]{1,211}$")
 MAX_PATH_LEN = 4096
+NIX_TIMEOUT = 600.0
+"""A Nix query that takes longer is given up (a hung nix-daemon must not hang the service)."""
 
 
 def parse_store_path(text: str, store_dir: str) -> str:
@@ -90,7 +92,12 @@ async def _run_both(*args: str) -> tuple[bytes, bytes]:
         )
     except OSError as e:  # no `nix` on PATH: not the path's fault
         raise StoreError(f"cannot run {args[0]}: {e.strerror}") from None
-    out, err = await proc.communicate()
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), NIX_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise StoreError(f"{args[0]} did not answer within {NIX_TIMEOUT:.0f} s") from None
     if proc.returncode != 0:
         lines = [ln for ln in err.decode(errors="replace").splitlines() if "error" in ln]
         raise StoreError((lines[-1] if lines else err.decode(errors="replace").strip()) or f"{args[0]} failed")

@@ -179,9 +179,11 @@ def test_resolve_takes_nix_listing_then_memory_and_never_calls_unknown_gone() ->
     assert sorted(u.split(":")[0] for u in result.unreadable) == ["/gc/auto/c", "/gc/auto/e"]
     assert not result.complete, "an unknown link with no known store path: dereference must wait"
 
-    # Nix unavailable (nix-daemon restarting): nothing is gone, the remembered ones are held.
+    # Nix unavailable (nix-daemon restarting): nothing is gone, the remembered ones are held,
+    # and nothing may be dereferenced (a held link may lead elsewhere now, to a root Nix would list).
     offline = resolve(Scan(unresolved=list(cases)), None, {"/gc/auto/b": old})
-    assert offline.problems == [] and list(offline.roots) == [old] and len(offline.unreadable) == 4
+    assert offline.problems == [] and list(offline.roots) == [old] and len(offline.held) == 1
+    assert len(offline.unreadable) == 5 and not offline.complete
 
 
 def test_memory_persists_the_last_target_of_each_entry_and_forgets_removed_ones(tmp_path: Path) -> None:
@@ -196,3 +198,15 @@ def test_memory_persists_the_last_target_of_each_entry_and_forgets_removed_ones(
     read_only = Memory(tmp_path, write=False)
     read_only.update(Scan(roots={pkg: Root(pkg, (("/gc/q",),))}))
     assert (tmp_path / "roots-known.json").read_text() == "[garbage"
+
+
+def test_a_regular_file_named_after_a_store_path_is_a_root_as_for_nix(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / f"{H}-pkg").mkdir(parents=True)
+    gc = tmp_path / "gc"
+    gc.mkdir()
+    (gc / f"{H}-pkg").write_text("")  # Nix's collector keeps /store/<name> alive for this file
+    (gc / "notes.txt").write_text("junk")
+    found = scan([gc], str(store))
+    assert list(found.roots) == [f"{store}/{H}-pkg"] and found.complete
+    assert found.problems == [f"{gc / 'notes.txt'}: not a symlink"]
