@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return hook.main()
     if args.command == "hook-script":
         return _hook_script(args.config, Path(args.output))
+    if args.command == "status":  # stays light: answers in well under 100 ms
+        return _status(args.config, args.json)
 
     from nixcache import logs
     from nixcache.errors import NixcacheError
@@ -93,12 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args.config, args.key)
         if args.command == "du":
             return _du(args)
-        if args.command == "status":
-            from nixcache import statuscmd
-            from nixcache.config import load_config
-
-            print(statuscmd.status(load_config(args.config)[0], args.json))
-            return 0
         return _roots_command(args)
     except NixcacheError as e:
         print(f"nixcache: {e}", file=sys.stderr)
@@ -112,7 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def _status(config: str | None, as_json: bool) -> int:
+    from nixcache import statuscmd
+    from nixcache.errors import NixcacheError
+
+    try:
+        print(statuscmd.status(config, as_json))
+    except NixcacheError as e:
+        print(f"nixcache: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _serve(config: str | None, embedded: str | None) -> int:
+    import asyncio
+
     from nixcache.config import load_config
     from nixcache.service import Service
 
@@ -143,6 +152,7 @@ def _serve(config: str | None, embedded: str | None) -> int:
 
 
 def _du(args: argparse.Namespace) -> int:
+    import asyncio
     import json
 
     from nixcache import du
@@ -181,6 +191,8 @@ def _du(args: argparse.Namespace) -> int:
 
 
 def _verify(config: str | None, key: str | None) -> int:
+    import asyncio
+
     from nixcache import verify
     from nixcache.config import load_config
 
@@ -194,6 +206,8 @@ def _verify(config: str | None, key: str | None) -> int:
 
 
 def _gc_command(args: argparse.Namespace) -> int:
+    import asyncio
+
     from nixcache import gccmd
     from nixcache.config import load_config, parse_duration
 
@@ -212,6 +226,8 @@ def _gc_command(args: argparse.Namespace) -> int:
 
 
 def _roots_command(args: argparse.Namespace) -> int:
+    import asyncio
+
     from nixcache import rootcmds
     from nixcache.config import load_config
 
@@ -255,6 +271,8 @@ def _hook_script(config: str | None, output: Path) -> int:
 
 
 def _push(config: str | None, paths: list[str]) -> int:
+    import asyncio
+
     from nixcache.config import load_config
     from nixcache.push import push
 

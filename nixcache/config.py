@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from nixcache import defaults
+from nixcache import configfile, defaults
+from nixcache.configfile import config_path as config_path
 from nixcache.errors import ConfigError, SigningError
 from nixcache.signing import SecretKey
 
@@ -140,13 +140,6 @@ class Config(_Section):
         return [self.gcroots_dir] + ([Path(self.profiles_dir)] if self.profiles_dir else [])
 
 
-def config_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """``--config``, else ``$NIXCACHE_CONFIG``, else the system default."""
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get(defaults.CONFIG_ENV) or defaults.CONFIG_FILE)
-
-
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -164,15 +157,7 @@ def parse_config(data: dict[str, object], source: str = "config") -> Config:
 
 def load_config(path: str | os.PathLike[str] | None = None) -> tuple[Config, Path]:
     """Read and validate the config file; every problem becomes one ConfigError line."""
-    p = config_path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist (use --config or ${defaults.CONFIG_ENV})") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    data, p = configfile.read(path)
     return parse_config(data, str(p)), p
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
+import email.utils
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiobotocore.session
+import botocore.utils
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -62,6 +65,22 @@ def _describe(err: Exception, bucket: str, key: str | None) -> S3Error:
     return S3Error(f"{where}: {err}")
 
 
+def parse_timestamp(value: str | int | float) -> datetime.datetime:
+    """S3's timestamps: ISO 8601 in XML bodies, RFC 822 in headers; anything else the way
+    botocore parses it."""
+    try:
+        if isinstance(value, str):
+            if value[:1].isdigit():
+                parsed = datetime.datetime.fromisoformat(value)
+            else:
+                parsed = email.utils.parsedate_to_datetime(value)
+            if parsed.tzinfo is not None:
+                return parsed
+    except (ValueError, TypeError, IndexError):
+        pass
+    return botocore.utils.parse_timestamp(value)  # type: ignore[arg-type]  # it takes numbers too
+
+
 class S3:
     """One bucket. Use as ``async with S3(cfg) as s3:``."""
 
@@ -74,6 +93,9 @@ class S3:
 
     async def __aenter__(self) -> S3:
         session = aiobotocore.session.get_session()
+        # botocore parses every listed key's LastModified with dateutil (~90 µs each, on the
+        # event loop): most of a 1000-key page's CPU. The stdlib does the same in ~1 µs.
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
         if self.cfg.credentials_file is not None:
             session.set_config_variable("credentials_file", str(self.cfg.credentials_file))
         if self.cfg.profile is not None:

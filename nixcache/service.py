@@ -319,19 +319,21 @@ class Service:
             return
         bucket = self.bucket
         assert bucket is not None
+        error: Exception | None = None
         with bucket.use() as uploader:
             try:
                 result = await uploader.push(paths)
             except Exception as e:
-                log.info("push.batch_failed", paths=len(paths), error=str(e) or repr(e), then="one by one")
-                result = None
-        if result is None:
-            for n, path in enumerate(paths):
-                if self._paused(paths[n:]):
-                    return
-                await self._process(path)
+                error = e
+        if error is None:
+            await self._pushed(bucket, paths, result)
             return
-        await self._pushed(bucket, paths, result)
+        log.info("push.batch_failed", paths=len(paths), error=str(error) or repr(error), then="in halves")
+        if isinstance(error, S3Error):  # the bucket's trouble, most likely: counts toward a pause
+            self._outage(error)
+        half = len(paths) // 2  # a path that fails on its own costs log2(batch) more pushes
+        await self._process_batch(paths[:half])
+        await self._process_batch(paths[half:])
 
     async def _process(self, path: str) -> None:
         """Push one pending path. Only a path no longer valid in the store is dropped; any
@@ -427,13 +429,18 @@ class Service:
         self.backlog.retry(path, now + interval)
         self.backlog_changed.set()  # the feeder may be waiting with no retry time to wake for
         if outage:
-            self.outage_failures += 1
-            if self.outage_failures >= OUTAGE_AFTER and now >= self.resume_at:
-                self.resume_at = now + interval
-                if self.outage is None:
-                    log.warning("uploads.paused", error=str(error), retry_in=interval, pending=len(self.backlog))
-                self.outage = str(error)
+            self._outage(error)
         log.warning("push.failed", path=path, error=str(error), retry_in=interval)
+
+    def _outage(self, error: Exception) -> None:
+        """A failure whose cause is not the path: after OUTAGE_AFTER in a row, pause."""
+        now, interval = time.monotonic(), self.cfg.upload.retry_interval
+        self.outage_failures += 1
+        if self.outage_failures >= OUTAGE_AFTER and now >= self.resume_at:
+            self.resume_at = now + interval
+            if self.outage is None:
+                log.warning("uploads.paused", error=str(error), retry_in=interval, pending=len(self.backlog))
+            self.outage = str(error)
 
     def _recovered(self) -> None:
         self.outage_failures, self.resume_at = 0, 0.0
@@ -810,7 +817,9 @@ class Service:
                 task.cancel()
         tasks = list(self.workers.values())
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.cfg.upload.drain_timeout)
+            # In an outage the busy ones only wait for an unreachable bucket: no use waiting.
+            timeout = 0 if self.outage is not None else self.cfg.upload.drain_timeout
+            _, late = await asyncio.wait(tasks, timeout=timeout)
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,18 +1,29 @@
-"""`nixcache status`: ask the running daemon over its control socket (no S3 request)."""
+"""`nixcache status`: ask the running daemon over its control socket (no S3 request).
+
+Stdlib only: it must answer in well under 100 ms, and importing pydantic, asyncio and
+structlog alone would take twice that. The socket sits beside the FIFO (``fifo`` in the
+config file, read as plain TOML)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
-from nixcache.config import Config
+from nixcache import configfile, defaults
 from nixcache.errors import NixcacheError
 
 
-def query(cfg: Config, command: str = "status") -> str:
-    path = cfg.fifo.parent / "control.sock"
+def control_socket(config: str | os.PathLike[str] | None) -> Path:
+    data, _ = configfile.read(config)
+    fifo = data.get("fifo", defaults.FIFO)
+    return Path(fifo if isinstance(fifo, str) and fifo else defaults.FIFO).parent / "control.sock"
+
+
+def query(path: Path, command: str = "status") -> str:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
@@ -61,6 +72,6 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def status(cfg: Config, as_json: bool) -> str:
-    data = json.loads(query(cfg))
+def status(config: str | os.PathLike[str] | None, as_json: bool) -> str:
+    data = json.loads(query(control_socket(config)))
     return json.dumps(data, indent=2) if as_json else render(data)

@@ -127,17 +127,30 @@ class Uploader:
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._transfers = asyncio.Semaphore(cfg.upload.workers)
         self._cache_info_written = False
-        self._cache_info_lock = asyncio.Lock()
+        self._cache_info: asyncio.Future[None] | None = None
         self.on_progress: ProgressCallback | None = None
 
     async def ensure_cache_info(self) -> None:
-        async with self._cache_info_lock:
-            if self._cache_info_written:
-                return
-            if not await self.s3.exists(layout.CACHE_INFO):
-                text = layout.cache_info(self.cfg.store_dir, self.cfg.upload.priority)
-                await self.s3.put(layout.CACHE_INFO, text.encode(), "text/x-nix-cache-info")
-            self._cache_info_written = True
+        """Once per bucket. Concurrent jobs share one attempt: if the bucket is unreachable,
+        they all fail with it at once (not one after another, each after its own retries)."""
+        if self._cache_info_written:
+            return
+        if self._cache_info is None:
+            self._cache_info = asyncio.ensure_future(self._write_cache_info())
+            self._cache_info.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        attempt = self._cache_info
+        try:
+            await asyncio.shield(attempt)
+        except BaseException:
+            if self._cache_info is attempt and attempt.done():
+                self._cache_info = None  # the next job tries again
+            raise
+
+    async def _write_cache_info(self) -> None:
+        if not await self.s3.exists(layout.CACHE_INFO):
+            text = layout.cache_info(self.cfg.store_dir, self.cfg.upload.priority)
+            await self.s3.put(layout.CACHE_INFO, text.encode(), "text/x-nix-cache-info")
+        self._cache_info_written = True
 
     async def _filter_present(self, paths: list[str]) -> set[str]:
         """Which of ``paths`` have a narinfo in the bucket, asked as cheaply as possible: one
