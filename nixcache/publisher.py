@@ -75,6 +75,16 @@ def machine_id(cfg: Config) -> str:
     return generated
 
 
+def claimant(body: bytes) -> str | None:
+    """The machine id a claim names, or None if it names none (empty, not JSON…)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    mid = data.get("machine_id") if isinstance(data, dict) else None
+    return mid if isinstance(mid, str) and mid else None
+
+
 def claim_body(cfg: Config) -> bytes:
     return json.dumps({"hostname": cfg.hostname, "machine_id": machine_id(cfg)}, sort_keys=True).encode() + b"\n"
 
@@ -115,14 +125,19 @@ class Publisher:
         if listed_etag is None:
             await bucket.put_if(self.claim, body, none_match=True)
         # Read back: where conditional writes are ignored, the last writer wins; both see who.
-        current = await bucket.get(self.claim)
+        got = await bucket.get_with_etag(self.claim)
+        if got is None or claimant(got[0]) is None:
+            # Gone (deleted by hand), or a claim naming no machine (a write cut short: seen after
+            # a kill -9 mid-PUT): nobody's. Take it, conditionally: of two machines repairing it,
+            # one wins and the other reads back the winner's claim.
+            log.warning("host.claim_repaired", folder=self.folder, found="nothing" if got is None else "no machine id")
+            await bucket.put_if(self.claim, body, none_match=got is None, match=None if got is None else got[1])
+            got = await bucket.get_with_etag(self.claim)
+        current = got[0] if got is not None else None
         if current == body:
             log.info("host.claimed", folder=self.folder)
             return
-        try:
-            other = json.loads(current or b"{}").get("machine_id", "?")
-        except ValueError:
-            other = "unreadable"
+        other = (claimant(current) if current is not None else None) or "?"
         raise HostClaimed(
             f"s3://{bucket.bucket}/{self.folder} is claimed by another machine (machine id {str(other)[:12]}…, "
             f"this one is {machine_id(self.cfg)[:12]}…): two machines named {self.cfg.hostname!r} would trash each "

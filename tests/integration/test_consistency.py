@@ -420,6 +420,28 @@ def test_a_second_machine_with_the_same_hostname_is_refused(tmp_path: Path, buck
     assert_whole(bucket, a, signing_key[1], [one], tmp_path)
 
 
+def test_a_claim_naming_no_machine_is_repaired_not_taken_for_another_machine(
+    tmp_path: Path, bucket: Bucket, signing_key: Key
+) -> None:
+    """A claim cut short (a daemon killed -9 mid-PUT through a faulty network left an empty
+    `.claim`) names no machine: it must not lock the host out of its own folder for good
+    (found by test_faults' kill -9 test). The host takes it over (conditionally on its ETag),
+    publishes, and a second machine with the same hostname is still refused afterwards."""
+    one, two, _shared = build_pair(tmp_path)
+    a = same_hostname(tmp_path, bucket, signing_key[0], "nixos-a", "a" * 32)
+    b = same_hostname(tmp_path, bucket, signing_key[0], "nixos-b", "b" * 32)
+    a.root("one", one)
+    for corrupt in (b"", b"{not json", b'{"hostname": "nixos"}'):
+        bucket.client.put_object(Bucket=bucket.name, Key="gcroots/nixos/.claim", Body=corrupt)
+        a.run("publish")
+        assert bucket.gcinfos("gcroots/") == [f"gcroots/nixos/{gcinfo_name(one)}"]
+        claim = bucket.get("gcroots/nixos/.claim")
+        assert claim is not None and b"a" * 32 in claim, claim
+    b.root("two", two)
+    r = run_cli(b.config, "publish")
+    assert r.returncode == 1 and "claimed by another machine (machine id aaaaaaaaaaaa" in r.stderr, r.stderr
+
+
 # ---- 8. a provider that ignores conditional writes --------------------------------------------------
 
 
