@@ -158,7 +158,7 @@ def parse_config(data: dict[str, object], source: str = "config") -> Config:
 def load_config(path: str | os.PathLike[str] | None = None) -> tuple[Config, Path]:
     """Read and validate the config file; every problem becomes one ConfigError line."""
     data, p = configfile.read(path)
-    return parse_config(data, str(p)), p
+    return parse_config(data, p), Path(p)
 
 
 def load_signing_key(cfg: Config) -> SecretKey:

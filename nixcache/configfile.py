@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import os
 import tomllib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nixcache import defaults
 from nixcache.errors import ConfigError
 
+if TYPE_CHECKING:
+    from typing import Any
 
-def config_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """``--config``, else ``$NIXCACHE_CONFIG``, else the system default."""
+
+def config_path(explicit: str | os.PathLike[str] | None) -> str:
+    """``--config``, else ``$NIXCACHE_CONFIG``, else the system default. (Strings, not
+    pathlib: importing it is a tenth of what `nixcache status` may take.)"""
     if explicit:
-        return Path(explicit)
-    return Path(os.environ.get(defaults.CONFIG_ENV) or defaults.CONFIG_FILE)
+        return os.fspath(explicit)
+    return os.environ.get(defaults.CONFIG_ENV) or defaults.CONFIG_FILE
 
 
-def read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], Path]:
+def read(path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
     """The config file's TOML (not validated); every problem is one ConfigError line."""
     p = config_path(path)
     try:
-        return tomllib.loads(p.read_text()), p
+        with open(p, encoding="utf-8") as f:
+            return tomllib.loads(f.read()), p
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist (use --config or ${defaults.CONFIG_ENV})") from None
     except OSError as e:

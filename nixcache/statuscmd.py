@@ -10,24 +10,26 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nixcache import configfile, defaults
 from nixcache.errors import NixcacheError
 
+if TYPE_CHECKING:
+    from typing import Any
 
-def control_socket(config: str | os.PathLike[str] | None) -> Path:
+
+def control_socket(config: str | os.PathLike[str] | None) -> str:
     data, _ = configfile.read(config)
     fifo = data.get("fifo", defaults.FIFO)
-    return Path(fifo if isinstance(fifo, str) and fifo else defaults.FIFO).parent / "control.sock"
+    return os.path.join(os.path.dirname(fifo if isinstance(fifo, str) and fifo else defaults.FIFO), "control.sock")
 
 
-def query(path: Path, command: str = "status") -> str:
+def query(path: str, command: str = "status") -> str:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(path))
+            sock.connect(path)
             sock.sendall(command.encode() + b"\n")
             chunks = []
             while data := sock.recv(65536):
