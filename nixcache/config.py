@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from nixcache import configfile, defaults
-from nixcache.configfile import config_path as config_path
 from nixcache.errors import ConfigError, SigningError
 from nixcache.signing import SecretKey
 
