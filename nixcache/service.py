@@ -305,7 +305,7 @@ class Service:
         self.backlog_changed.set()
         return True
 
-    async def _process_batch(self, paths: list[str]) -> None:
+    async def _process_batch(self, paths: list[str], top: bool = True) -> None:
         """Push several pending paths as one job (one closure query, one presence check, one
         check of the deletion records): a week's backlog drains in batches. If the batch
         fails, each path is pushed alone, to find out which one failed and why."""
@@ -329,11 +329,13 @@ class Service:
             await self._pushed(bucket, paths, result)
             return
         log.info("push.batch_failed", paths=len(paths), error=str(error) or repr(error), then="in halves")
-        if isinstance(error, S3Error):  # the bucket's trouble, most likely: counts toward a pause
+        if top and isinstance(error, S3Error):
+            # The bucket's trouble, most likely: counts toward a pause, once per batch (its
+            # halves do not count: one path's own S3 error must not pause everything).
             self._outage(error)
         half = len(paths) // 2  # a path that fails on its own costs log2(batch) more pushes
-        await self._process_batch(paths[:half])
-        await self._process_batch(paths[half:])
+        await self._process_batch(paths[:half], top=False)
+        await self._process_batch(paths[half:], top=False)
 
     async def _process(self, path: str) -> None:
         """Push one pending path. Only a path no longer valid in the store is dropped; any

@@ -20,9 +20,15 @@ if TYPE_CHECKING:
 
 
 def control_socket(config: str | os.PathLike[str] | None) -> str:
-    data, _ = configfile.read(config)
+    """Where the daemon listens: beside ``fifo``, taken as the loader's pathlib.Path takes it
+    (empty and ``.`` components dropped: ``run/hook.fifo/`` is ``run/hook.fifo``)."""
+    data, path = configfile.read(config)
     fifo = data.get("fifo", defaults.FIFO)
-    return os.path.join(os.path.dirname(fifo if isinstance(fifo, str) and fifo else defaults.FIFO), "control.sock")
+    if not isinstance(fifo, str):
+        raise NixcacheError(f"{path}: fifo: must be a path (a string)")
+    parts = [part for part in fifo.split("/") if part not in ("", ".")]
+    directory = "/".join(parts[:-1])
+    return ("/" if fifo.startswith("/") else "") + (f"{directory}/" if directory else "") + "control.sock"
 
 
 def query(path: str, command: str = "status") -> str:

@@ -57,3 +57,22 @@ def test_missing_key_file_says_how_to_make_one(tmp_path: Path) -> None:
     p.write_text(MINIMAL)
     with pytest.raises(SigningError, match="generate-binary-cache-key"):
         load_signing_key(load_config(p)[0])
+
+
+def test_status_finds_the_socket_the_daemon_listens_on_or_says_why_not(tmp_path: Path) -> None:
+    """`nixcache status` reads `fifo` without the validating loader: same socket as the daemon's
+    `cfg.fifo.parent / "control.sock"`, or one clear error."""
+    from nixcache.config import load_config
+    from nixcache.errors import NixcacheError
+    from nixcache.statuscmd import control_socket
+
+    config = tmp_path / "c.toml"
+    base = '[s3]\nbucket = "bkt"\n[signing]\nsecret_key_file = "/k"\n'
+    for fifo in ("/run/x/hook.fifo", "/run/x/hook.fifo/", "/run//x/./hook.fifo", "run/hook.fifo", "hook.fifo"):
+        config.write_text(f'fifo = "{fifo}"\n' + base)
+        assert control_socket(config) == str(load_config(config)[0].fifo.parent / "control.sock"), fifo
+    config.write_text(base)
+    assert control_socket(config) == str(load_config(config)[0].fifo.parent / "control.sock")
+    config.write_text("fifo = 5\n" + base)
+    with pytest.raises(NixcacheError, match="fifo: must be a path"):
+        control_socket(config)
