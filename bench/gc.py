@@ -29,8 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -90,15 +88,6 @@ def gcinfo_bytes(root: int, args: argparse.Namespace) -> tuple[str, bytes]:
     )
     name = f"root{root}-{path_hash(10**9 + root)}.gcinfo.gz"
     return name, Gcinfo(f"/nix/store/{path_hash(10**9 + root)}-root{root}", members).render()
-
-
-def seaweed_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{weed.ports['metrics']}/metrics").read().decode()
-    out: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
-            out[line.split('type="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
-    return out
 
 
 def run_gc(config: Path, *extra: str) -> dict[str, object]:
@@ -170,11 +159,11 @@ def main() -> None:
                         Bucket=bucket, Key=f"gctrash/{key}", CopySource={"Bucket": bucket, "Key": f"gcroots/{key}"}
                     )
                     s3.delete_object(Bucket=bucket, Key=f"gcroots/{key}")
-            before = seaweed_counts(weed, bucket)
+            before = weed.request_counts(bucket)
             print(f"nixcache gc: {label}…", file=sys.stderr)
             runs[label] = run_gc(config, *(["--dry-run"] if label == "index_build_dry_run" else []))
             time.sleep(2)
-            runs[label]["seaweedfs_requests"] = dict(seaweed_counts(weed, bucket) - before)
+            runs[label]["seaweedfs_requests"] = dict(weed.request_counts(bucket) - before)
         left = s3.list_objects_v2(Bucket=bucket, Prefix="gctrash/").get("KeyCount", 0)
     finally:
         weed.stop()

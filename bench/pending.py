@@ -48,7 +48,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -352,15 +351,6 @@ def client(weed: SeaweedFS) -> Any:
                         aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
 
 
-def seaweed_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{weed.ports['metrics']}/metrics").read().decode()
-    out: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
-            out[line.split('type="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
-    return out
-
-
 # ---- the phases ----------------------------------------------------------------------------
 
 
@@ -456,7 +446,7 @@ def drain(daemon: Daemon, weed: SeaweedFS, bucket: str, sock: Path, window: floa
         cli.append(cli_ms(daemon.config))
         raw.append(raw_ms(sock))
         time.sleep(max(0.0, min(5.0, back + window - time.time())))
-    counts = seaweed_counts(weed, bucket)
+    counts = weed.request_counts(bucket)
     left = status(sock)
     mem = memory.stop()
     client(weed).head_bucket(Bucket=bucket)  # it survived the restart (after the counts: not counted)

@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -110,16 +108,6 @@ def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[fl
     if proc.returncode != 0:
         raise SystemExit(f"{args[0]} failed with {proc.returncode}")
     return time.monotonic() - started, usage.ru_maxrss // 1024, out
-
-
-def request_counts(weed: SeaweedFS, bucket: str) -> Counter[str]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{weed.ports['metrics']}/metrics").read().decode()
-    counts: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
-            kind = line.split('type="', 1)[1].split('"', 1)[0]
-            counts[kind] += int(float(line.rsplit(" ", 1)[1]))
-    return counts
 
 
 def bucket_bytes(s3: object, bucket: str) -> int:
@@ -220,7 +208,7 @@ def main() -> None:
                 print(f"round {r + 1}: {name}…", file=sys.stderr)
                 runs[name] = run_measured(push if name == "nixcache" else copy)
             time.sleep(2)  # let the server's counters settle
-            ours_req, theirs_req = request_counts(weed, ours), request_counts(weed, theirs)
+            ours_req, theirs_req = weed.request_counts(ours), weed.request_counts(theirs)
             again = run_measured(push)
             time.sleep(2)
             rounds.append({
@@ -228,7 +216,7 @@ def main() -> None:
                              "requests": dict(ours_req), "summary": runs["nixcache"][2].strip(),
                              "bucket_mb": round(bucket_bytes(s3, ours) / 1e6, 1),
                              "second_push_seconds": round(again[0], 2),
-                             "second_push_requests": dict(request_counts(weed, ours) - ours_req)},
+                             "second_push_requests": dict(weed.request_counts(ours) - ours_req)},
                 "nix_copy": {"seconds": round(runs["nix_copy"][0], 2), "peak_rss_mb": runs["nix_copy"][1],
                              "requests": dict(theirs_req),
                              "bucket_mb": round(bucket_bytes(s3, theirs) / 1e6, 1)},

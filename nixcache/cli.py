@@ -61,17 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     du.add_argument("--config", help=config_help)
     du.add_argument("--host", help="only this host's roots")
     du.add_argument("--json", action="store_true", help="machine-readable output")
-    status = sub.add_parser("status", help=STATUS_HELP)
-    status.add_argument("--config", help=config_help)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _status_arguments(sub.add_parser("status", help=STATUS_HELP))
     verify = sub.add_parser("verify", help="check the bucket: narinfos, NARs, references, signatures, gcinfos")
     verify.add_argument("--config", help=config_help)
     verify.add_argument("--key", help="public key to check signatures with (default: the configured key's)")
     return p
 
 
-def _status_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nixcache status", description=STATUS_HELP)
+def _status_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`status`'s arguments, for the full parser and for its own small one (see `main`)."""
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -80,7 +78,8 @@ def _status_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:  # its own small parser: building all 15 costs ~10 ms
-        status_args = _status_parser().parse_args(argv[1:])
+        own = argparse.ArgumentParser(prog="nixcache status", description=STATUS_HELP)
+        status_args = _status_arguments(own).parse_args(argv[1:])
         return _status(status_args.config, status_args.json)
     args = _parser().parse_args(argv)
     if args.command == "hook":  # stays light: no heavy imports on the build's path

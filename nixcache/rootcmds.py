@@ -56,7 +56,7 @@ async def publish(cfg: Config) -> CycleResult:
 
 async def dereference(cfg: Config, dry_run: bool) -> CycleResult:
     selected, scan = await local_roots(cfg)
-    if scan.unreadable:
+    if not scan.complete:
         raise NixcacheError(f"not dereferencing: {scan.unreadable[0]} (a live root could be missed)")
     async with S3(cfg.s3) as bucket:
         return await Publisher(cfg).dereference(bucket, selected, dry_run=dry_run)

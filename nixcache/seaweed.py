@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,16 @@ class SeaweedFS:
             except OSError:
                 time.sleep(0.2)
         raise NixcacheError(f"SeaweedFS did not answer on {self.endpoint} in {timeout:.0f}s")
+
+    def request_counts(self, bucket: str) -> Counter[str]:
+        """SeaweedFS's own count of S3 requests to ``bucket`` by action (needs ``metrics``):
+        what a provider would bill, independent of what nixcache counts itself."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics").read().decode()
+        counts: Counter[str] = Counter()
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+                counts[line.split('type="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
+        return counts
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit, so its ports can be reused."""

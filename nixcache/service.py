@@ -308,7 +308,8 @@ class Service:
     async def _process_batch(self, paths: list[str], top: bool = True) -> None:
         """Push several pending paths as one job (one closure query, one presence check, one
         check of the deletion records): a week's backlog drains in batches. If the batch
-        fails, each path is pushed alone, to find out which one failed and why."""
+        fails, it is pushed again in halves, down to single paths, to find out which one failed
+        and why (``_process`` judges a single path's error)."""
         if self._paused(paths):
             return
         if len(paths) == 1 or any(p.endswith(".drv") for p in paths):

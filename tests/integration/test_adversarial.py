@@ -59,6 +59,26 @@ def records(bucket: Bucket) -> list[str]:
     return sorted(k.removeprefix("gc/records/") for k in bucket.keys("gc/records/"))
 
 
+def collect_losing_the_network_at_the_done_record(cfg: Config) -> None:
+    """A collection that deletes, then cannot PUT its `.done` record (the network drops): its
+    `.open` record stays behind."""
+
+    async def go() -> None:
+        async with S3(cfg.s3) as s3:
+            real_put = s3.put
+
+            async def put(key: str, body: bytes, *a: Any, **kw: Any) -> None:
+                if key.endswith(".done"):
+                    raise S3Error(f"s3://{s3.bucket}/{key}: connection reset")
+                await real_put(key, body, *a, **kw)
+
+            s3.put = put  # type: ignore[method-assign]
+            await Collector(cfg, s3).collect()
+
+    with pytest.raises(S3Error):
+        run(go())
+
+
 # ---- H1: an open record that is never closed ------------------------------------------------------
 
 
@@ -75,20 +95,7 @@ def test_h1_an_abandoned_deletion_record_makes_every_later_push_fail(
     alpha, _beta, one, two, shared = beta_drops_two(tmp_path, bucket, signing_key)
     cfg = cfg_of(alpha)
 
-    async def collect_losing_the_network_at_the_done_record() -> None:
-        async with S3(cfg.s3) as s3:
-            real_put = s3.put
-
-            async def put(key: str, body: bytes, *a: Any, **kw: Any) -> None:
-                if key.endswith(".done"):
-                    raise S3Error(f"s3://{s3.bucket}/{key}: connection reset")
-                await real_put(key, body, *a, **kw)
-
-            s3.put = put  # type: ignore[method-assign]
-            await Collector(cfg, s3).collect()
-
-    with pytest.raises(S3Error):
-        run(collect_losing_the_network_at_the_done_record())
+    collect_losing_the_network_at_the_done_record(cfg)
     assert not bucket.has_narinfo(two) and bucket.has_narinfo(shared), "setup: the collection deleted two"
     assert [r.rsplit(".", 1)[1] for r in records(bucket)] == ["open"], records(bucket)
 
