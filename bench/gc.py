@@ -34,9 +34,10 @@ from pathlib import Path
 import aiohttp
 import boto3
 
-from nixcache import layout, nix32
-from nixcache.gcinfo import Gcinfo, Member
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.bucket import layout
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.formats import nix32
+from nixcache.formats.gcinfo import Gcinfo, Member
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ["alpha", "beta", "gamma", "delta"]

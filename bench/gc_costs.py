@@ -21,7 +21,7 @@ from pathlib import Path
 
 import boto3
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ What a host offline for a week looks like to `nixcache serve`, measured on a rea
   1. SeaweedFS on loopback with a fresh bucket, then stopped: the endpoint refuses
      connections from here on, until step 5.
   2. The daemon starts with an empty journal; N paths are written to its FIFO as hooks do
-     (`nixcache.hook.send_to_fifo`, `--chunk` paths a hook run; where a hook would spool
+     (`nixcache.local.hook.send_to_fifo`, `--chunk` paths a hook run; where a hook would spool
      what does not fit, the writer waits for the FIFO instead, and counts it): time until
      the control socket says N pending (the batched journal writes).
   3. Once `nixcache status` shows the outage (timed), it is held for `--hold` seconds (many
@@ -56,8 +56,9 @@ from typing import Any
 
 import boto3  # type: ignore[import-untyped]
 
-from nixcache import hook, nix32
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from nixcache.formats import nix32
+from nixcache.local import hook
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = "/nix/store"

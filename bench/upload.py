@@ -23,7 +23,7 @@ from pathlib import Path
 
 import boto3
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [Path("/usr/lib"), Path("/usr/share"), Path(sys.prefix) / "lib"]

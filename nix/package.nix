@@ -23,7 +23,7 @@ python3.pkgs.buildPythonApplication {
     mkdir -p $out/libexec/nixcache
     cat > $out/libexec/nixcache/post-build-hook <<HOOK
     #!/bin/sh
-    exec ${python3.interpreter} -S -E -s $out/${python3.sitePackages}/nixcache/hook.py
+    exec ${python3.interpreter} -S -E -s $out/${python3.sitePackages}/nixcache/local/hook.py
     HOOK
     chmod +x $out/libexec/nixcache/post-build-hook
   '';

@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from nixcache import configfile, defaults
 from nixcache.errors import ConfigError, SigningError
-from nixcache.signing import SecretKey
+from nixcache.formats.signing import SecretKey
 
 
 class _Section(BaseModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nixcache.seaweed import SeaweedFS
+from nixcache.bucket.seaweed import SeaweedFS
 from tests.harness import Bucket, Daemon, MotoServer, generate_key, new_bucket
 
 # No substituter may be tried (no network here) and `nix` subcommands are enabled.

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import boto3
 from botocore.config import Config as BotoConfig
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, free_port
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, free_port
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 BIN = Path(sys.executable).parent

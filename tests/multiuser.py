@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY
 from tests.harness import DERIVATIONS, NIX, Bucket, Daemon, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ class ServiceEnv:
     def check(self) -> None:
         """The service user can import the daemon (a root umask of 077 would hide the venv)."""
         imported = subprocess.run(
-            [str(self.python), "-c", "import nixcache.cli, nixcache.service"], capture_output=True, text=True,
+            [str(self.python), "-c", "import nixcache.cli, nixcache.daemon.service"], capture_output=True, text=True,
             env={"PATH": PATH, "PYTHONPATH": str(self.pythonpath)}, **as_user(self.user),
         )  # fmt: skip
         assert imported.returncode == 0, f"{SERVICE_USER} cannot run {self.python}: {imported.stderr[-2000:]}"

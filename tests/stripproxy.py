@@ -21,7 +21,7 @@ import threading
 import urllib.parse
 from collections import Counter
 
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, free_port
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, free_port
 
 STRIPPED = (b"if-none-match", b"if-match")
 

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from nixcache import deletions, layout
+from nixcache.bucket import deletions, layout
+from nixcache.bucket.s3 import S3
 from nixcache.config import Config, load_config, load_signing_key
 from nixcache.errors import S3Error
-from nixcache.gc import Collector
-from nixcache.publisher import Publisher
-from nixcache.rootcmds import local_roots
-from nixcache.s3 import S3
-from nixcache.uploader import Uploader
+from nixcache.ops.collect import Collector
+from nixcache.ops.publish import Publisher
+from nixcache.ops.roots import local_roots
+from nixcache.ops.upload import Uploader
 from tests.harness import (
     Bucket,
     Daemon,

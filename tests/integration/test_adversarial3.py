@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from nixcache import hook, layout, roots, store
-from nixcache import service as service_module
+from nixcache.bucket import layout
+from nixcache.bucket.seaweed import SeaweedFS
 from nixcache.config import load_config
-from nixcache.journal import Journal
-from nixcache.seaweed import SeaweedFS
-from nixcache.service import Service
+from nixcache.daemon import service as service_module
+from nixcache.daemon.service import Service
+from nixcache.local import hook, roots, store
+from nixcache.local.journal import Journal
 from tests.harness import Bucket, new_bucket, write_config
 from tests.integration.test_adversarial2 import close, run, service_of
 from tests.integration.test_consistency import add_text

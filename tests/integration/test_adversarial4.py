@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 
-from nixcache import layout, statuscmd
+from nixcache.bucket import layout
+from nixcache.bucket.s3 import S3
+from nixcache.cli import status as statuscmd
 from nixcache.config import load_config
+from nixcache.daemon.service import Bucket as ServiceBucket
+from nixcache.daemon.service import Service
 from nixcache.errors import S3Error
-from nixcache.journal import Journal
-from nixcache.s3 import S3
-from nixcache.service import Bucket as ServiceBucket
-from nixcache.service import Service
+from nixcache.local.journal import Journal
 from tests.harness import Bucket, write_config
 from tests.integration.test_adversarial2 import close, run, variant
 from tests.integration.test_consistency import add_text

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nixcache.layout import GC_LEASE, gcinfo_name
+from nixcache.bucket.layout import GC_LEASE, gcinfo_name
 from tests.harness import (
     NIX,
     Bucket,

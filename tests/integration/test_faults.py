@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nixcache.layout import gcinfo_name
-from nixcache.seaweed import free_port
+from nixcache.bucket.layout import gcinfo_name
+from nixcache.bucket.seaweed import free_port
 from tests.faultproxy import FaultProxy, Faults
 from tests.harness import (
     Bucket,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from nixcache.layout import GC_LEASE, gcinfo_name
-from nixcache.seaweed import free_port
+from nixcache.bucket.layout import GC_LEASE, gcinfo_name
+from nixcache.bucket.seaweed import free_port
 from tests.harness import (
     Bucket,
     base_settings,

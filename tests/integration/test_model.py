@@ -98,8 +98,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from nixcache.layout import gcinfo_name, hash_part
-from nixcache.seaweed import SeaweedFS
+from nixcache.bucket.layout import gcinfo_name, hash_part
+from nixcache.bucket.seaweed import SeaweedFS
 from tests.conftest import _drop
 from tests.harness import (
     NIX,

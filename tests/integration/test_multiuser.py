@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nixcache import gcinfo
-from nixcache.layout import gcinfo_name
+from nixcache.bucket.layout import gcinfo_name
+from nixcache.formats import gcinfo
 from tests.harness import NIX, Bucket, dangling_narinfos, hash_part, nix_copy_from, wait_until
 from tests.multiuser import (
     RETRY_INTERVAL,

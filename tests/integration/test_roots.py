@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from nixcache import gcinfo
-from nixcache.layout import gcinfo_name
+from nixcache.bucket.layout import gcinfo_name
+from nixcache.formats import gcinfo
 from tests.harness import (
     Bucket,
     Daemon,

@@ -8,7 +8,7 @@ import stat
 import time
 from pathlib import Path
 
-from nixcache.layout import gcinfo_name
+from nixcache.bucket.layout import gcinfo_name
 from tests.harness import Bucket, Daemon, base_settings, nix_build, wait_until, write_config
 
 
@@ -52,7 +52,7 @@ def test_ready_after_fifo_and_watchers_then_watchdog_pings(
 
 
 def test_without_notify_socket_nothing_is_sent(tmp_path: Path) -> None:
-    from nixcache import sdnotify
+    from nixcache.daemon import sdnotify
 
     os.environ.pop("NOTIFY_SOCKET", None)
     assert sdnotify.notify("READY=1") is False

@@ -6,7 +6,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from nixcache.seaweed import free_port
+from nixcache.bucket.seaweed import free_port
 from tests.harness import (
     Bucket,
     Daemon,

@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from nixcache.narinfo import NarInfo
-from nixcache.signing import PublicKey
+from nixcache.formats.narinfo import NarInfo
+from nixcache.formats.signing import PublicKey
 from tests.harness import (
     HOOK,
     Bucket,
@@ -143,7 +143,7 @@ def test_kill9_during_large_upload_loses_nothing_and_never_dangles(
 
 
 def test_endpoint_down_then_up_pending_uploads_complete(tmp_path: Path, signing_key: tuple[Path, str]) -> None:
-    from nixcache.seaweed import SeaweedFS
+    from nixcache.bucket.seaweed import SeaweedFS
     from tests.harness import new_bucket
 
     server = SeaweedFS(tmp_path / "weed")
@@ -278,7 +278,7 @@ def test_sighup_to_another_bucket_rekeys_everything_that_belongs_to_a_bucket(
     """SIGHUP from bucket A to bucket B: the roots are published to B (A's listing of this host's
     gcinfos is not taken for B's), uploads go to B, and nothing is skipped because A has it
     (the presence caches and the deletion records belong to A)."""
-    from nixcache.layout import gcinfo_name
+    from nixcache.bucket.layout import gcinfo_name
     from tests.harness import new_bucket, run_cli
 
     daemon = start_daemon(tmp_path, bucket, signing_key)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nixcache.narinfo import NarInfo
-from nixcache.signing import SecretKey
+from nixcache.formats.narinfo import NarInfo
+from nixcache.formats.signing import SecretKey
 from tests.harness import Bucket, base_settings, hash_part, nix_build, run_cli, write_config
 
 

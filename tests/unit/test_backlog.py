@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nixcache.backlog import Backlog
+from nixcache.daemon.backlog import Backlog
 
 
 def test_fresh_paths_first_oldest_first_then_failed_ones_when_due() -> None:

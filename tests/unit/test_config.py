@@ -62,9 +62,9 @@ def test_missing_key_file_says_how_to_make_one(tmp_path: Path) -> None:
 def test_status_finds_the_socket_the_daemon_listens_on_or_says_why_not(tmp_path: Path) -> None:
     """`nixcache status` reads `fifo` without the validating loader: same socket as the daemon's
     `cfg.fifo.parent / "control.sock"`, or one clear error."""
+    from nixcache.cli.status import control_socket
     from nixcache.config import load_config
     from nixcache.errors import NixcacheError
-    from nixcache.statuscmd import control_socket
 
     config = tmp_path / "c.toml"
     base = '[s3]\nbucket = "bkt"\n[signing]\nsecret_key_file = "/k"\n'

@@ -6,11 +6,12 @@ import base64
 
 import pytest
 
-from nixcache import layout, nix32
+from nixcache.bucket import layout
 from nixcache.errors import SigningError, StoreError
-from nixcache.narinfo import NarInfo, NarInfoError
-from nixcache.signing import PublicKey, SecretKey, fingerprint
-from nixcache.store import parse_store_path, sri_to_nix32
+from nixcache.formats import nix32
+from nixcache.formats.narinfo import NarInfo, NarInfoError
+from nixcache.formats.signing import PublicKey, SecretKey, fingerprint
+from nixcache.local.store import parse_store_path, sri_to_nix32
 
 # `nix hash to-base32 sha256-6nMizyE/Zje+q3pQ6RrUlp9mIlmYX+h/uqh2Pr+Fgcg=` printed this.
 SRI = "sha256-6nMizyE/Zje+q3pQ6RrUlp9mIlmYX+h/uqh2Pr+Fgcg="

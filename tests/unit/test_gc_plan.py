@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from nixcache import layout
-from nixcache.deletions import Record
-from nixcache.gc import restrict
-from nixcache.gcinfo import Gcinfo, Member
-from nixcache.gcplan import UNREADABLE, Edges, Obj, UnsafeToCollect, layers, plan_collection
+from nixcache.bucket import layout
+from nixcache.bucket.deletions import Record
+from nixcache.bucket.inventory import UNREADABLE, Edges, Obj
+from nixcache.formats.gcinfo import Gcinfo, Member
+from nixcache.ops.collect import restrict
+from nixcache.ops.plan import UnsafeToCollect, layers, plan_collection
 
 NOW = 1_000_000.0
 DAY = 86400.0

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from nixcache import hook
+from nixcache.local import hook
 
 DRV = (
     'Derive([("dev","/nix/store/00000000000000000000000000000000-x-dev","",""),'
@@ -73,7 +73,7 @@ def test_hook_never_fails_even_when_it_cannot_spool(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('state_dir = "/proc/nixcache-cannot-exist"\nfifo = "/proc/nixcache-cannot-exist/f"\n')
     env = {"PATH": os.environ["PATH"], "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "/nix/store/x", "DRV_PATH": ""}
-    r = subprocess.run([sys.executable, "-m", "nixcache.hook"], env=env, capture_output=True, timeout=5)
+    r = subprocess.run([sys.executable, "-m", "nixcache.local.hook"], env=env, capture_output=True, timeout=5)
     assert r.returncode == 0
     assert b"nixcache hook:" in r.stderr
 
@@ -92,6 +92,6 @@ def test_hook_spools_to_configured_state_dir(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\nfifo = "{tmp_path / "none.fifo"}"\n')
     env = {**os.environ, "NIXCACHE_CONFIG": str(config), "OUT_PATHS": "/nix/store/p1 /nix/store/p2"}
-    assert subprocess.run([sys.executable, "-m", "nixcache.hook"], env=env, timeout=5).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "nixcache.local.hook"], env=env, timeout=5).returncode == 0
     (spooled,) = (tmp_path / "state" / "spool").iterdir()
     assert spooled.read_text().split() == ["/nix/store/p1", "/nix/store/p2"]

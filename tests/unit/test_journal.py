@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from nixcache.journal import STALE_SPOOL_TMP, Journal
+from nixcache.local.journal import STALE_SPOOL_TMP, Journal
 
 P = "/nix/store/" + "0" * 32 + "-x"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nixcache.store import PathInfo
-from nixcache.uploader import make_narinfo, upload_order, upstream_paths
+from nixcache.local.store import PathInfo
+from nixcache.ops.upload import make_narinfo, upload_order, upstream_paths
 
 
 def info(name: str, refs: list[str] = [], sigs: list[str] = []) -> PathInfo:  # noqa: B006

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from nixcache import gcinfo, layout
+from nixcache.bucket import layout
 from nixcache.config import parse_config
-from nixcache.publisher import Publisher, build_gcinfo, closure_of
-from nixcache.roots import Memory, Root, Scan, Unresolved, is_kept, resolve, scan, select
-from nixcache.store import PathInfo, parse_roots
+from nixcache.formats import gcinfo
+from nixcache.local.roots import Memory, Root, Scan, Unresolved, resolve, scan, select
+from nixcache.local.store import PathInfo, parse_roots
+from nixcache.ops.publish import Publisher, build_gcinfo, closure_of, is_kept
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"  # 32 nix32 characters
 

@@ -16,17 +16,18 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nixcache import layout, s3, store
+from nixcache.bucket import layout, s3
+from nixcache.bucket.deletions import Baseline
 from nixcache.config import Config
-from nixcache.deletions import Baseline
 from nixcache.errors import NixcacheError
-from nixcache.gcinfo import Gcinfo, Member, etag_of
+from nixcache.formats.gcinfo import Gcinfo, Member, etag_of
+from nixcache.local import store
+from nixcache.local.roots import Root, matches
+from nixcache.local.store import PathInfo
 from nixcache.logs import get
-from nixcache.roots import Root, is_kept
-from nixcache.store import PathInfo
-from nixcache.uploader import PushResult, Uploader, upstream_paths
+from nixcache.ops.upload import PushResult, Uploader, upstream_paths
 
-log = get("nixcache.publisher")
+log = get("nixcache.ops.publish")
 
 
 def closure_of(root: str, infos: dict[str, PathInfo]) -> list[str]:
@@ -48,6 +49,11 @@ def build_gcinfo(root: str, infos: dict[str, PathInfo], upstream: set[str]) -> G
         if p not in upstream
     )
     return Gcinfo(root, members)
+
+
+def is_kept(store_path: str, keep: Iterable[str]) -> bool:
+    """Pinned by ``[roots] keep``: matched on the store path or the gcinfo name."""
+    return matches(keep, [store_path, layout.gcinfo_name(store_path)])
 
 
 class HostClaimed(NixcacheError):

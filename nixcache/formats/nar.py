@@ -15,11 +15,12 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import zstandard
 
-from nixcache import nix32, store
 from nixcache.errors import NarHashMismatch, StoreError
+from nixcache.formats import nix32
 
 READ_SIZE = 1 << 20
 BATCH_SIZE = 1 << 20
@@ -92,6 +93,17 @@ class NarResult:
     file_size: int = 0
 
 
+class Expected(Protocol):
+    """What the Nix database says of a store path (``local.store.PathInfo`` is one)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def nar_hash(self) -> str: ...
+    @property
+    def nar_size(self) -> int: ...
+
+
 class NarStream:
     """Async iterator of compressed NAR chunks of ``info.path``.
 
@@ -102,7 +114,7 @@ class NarStream:
     ending, so an upload consuming it never completes with a corrupt NAR.
     """
 
-    def __init__(self, info: store.PathInfo, compression: str, level: int) -> None:
+    def __init__(self, info: Expected, compression: str, level: int) -> None:
         self.info = info
         self.compression = compression
         self.level = level

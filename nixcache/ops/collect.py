@@ -19,17 +19,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nixcache import deletions, layout, lease, s3
+from nixcache.bucket import deletions, layout, lease, s3
+from nixcache.bucket.deletions import Record
+from nixcache.bucket.inventory import UNREADABLE, Edges, Obj, gcinfo_listing, listing
+from nixcache.bucket.narindex import NarIndex
 from nixcache.config import Config
-from nixcache.deletions import Record
 from nixcache.errors import NixcacheError
-from nixcache.gcinfo import Gcinfo, GcinfoError, Member, parse
-from nixcache.gcplan import UNREADABLE, Edges, Obj, Plan, candidates_of, plan_collection
+from nixcache.formats.gcinfo import Gcinfo, GcinfoError, Member, parse
 from nixcache.logs import get
-from nixcache.narindex import NarIndex
+from nixcache.ops.plan import Plan, candidates_of, plan_collection
 from nixcache.progress import silent
 
-log = get("nixcache.gc")
+log = get("nixcache.ops.collect")
 
 ProgressFn = Callable[..., None]  # (text, done=0, total=0)
 
@@ -102,20 +103,6 @@ class State:
     edges: dict[str, Edges]
     nars: dict[str, Obj]
     live_objs: dict[str, Obj]
-
-
-async def listing(bucket: s3.S3, prefix: str, delimiter: str | None = None) -> dict[str, Obj]:
-    """Every object under ``prefix``, by key."""
-    out: dict[str, Obj] = {}
-    async for entry in bucket.list_keys(prefix, delimiter):
-        obj = Obj.from_listing(entry)
-        out[obj.key] = obj
-    return out
-
-
-async def gcinfo_listing(bucket: s3.S3, prefix: str) -> dict[str, Obj]:
-    """The gcinfos under ``prefix`` (``gcroots/`` or ``gctrash/``, every host), by key."""
-    return {k: o for k, o in (await listing(bucket, prefix)).items() if k.endswith(layout.GCINFO_SUFFIX)}
 
 
 def unsafe_provider(bucket: s3.S3) -> str:

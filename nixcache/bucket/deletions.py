@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from nixcache import layout, s3
+from nixcache.bucket import layout, s3
+from nixcache.bucket.lease import read_lease
 from nixcache.errors import NixcacheError
-from nixcache.lease import read_lease
 from nixcache.logs import get
 
-log = get("nixcache.deletions")
+log = get("nixcache.bucket.deletions")
 
 PREFIX = "gc/records/"
 OPEN, DONE = ".open", ".done"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from nixcache.signing import SecretKey, fingerprint
+from nixcache.formats.signing import SecretKey, fingerprint
 
 
 class NarInfoError(ValueError):

@@ -20,13 +20,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from nixcache import s3
+from nixcache.bucket import s3
+from nixcache.bucket.inventory import UNREADABLE, Edges, Obj
 from nixcache.errors import NixcacheError
-from nixcache.gcplan import UNREADABLE, Edges, Obj
+from nixcache.formats.narinfo import NarInfo, NarInfoError
 from nixcache.logs import get
-from nixcache.narinfo import NarInfo, NarInfoError
 
-log = get("nixcache.narindex")
+log = get("nixcache.bucket.narindex")
 
 GET_CONCURRENCY = 32
 STORE_BATCH = 2000

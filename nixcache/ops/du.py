@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nixcache import layout
-from nixcache.gc import Collector, gcinfo_listing
-from nixcache.gcinfo import Gcinfo, Member
-from nixcache.gcplan import Edges, Obj, plan_collection
+from nixcache.bucket import layout
+from nixcache.bucket.inventory import Edges, Obj, gcinfo_listing
+from nixcache.formats.gcinfo import Gcinfo, Member
+from nixcache.ops.collect import Collector
+from nixcache.ops.plan import plan_collection
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from nixcache import layout, roots
+from nixcache.bucket import layout
+from nixcache.bucket.s3 import S3
 from nixcache.config import Config, load_signing_key
 from nixcache.errors import NixcacheError
-from nixcache.gcinfo import etag_of
-from nixcache.publisher import CycleResult, Publisher
-from nixcache.s3 import S3
-from nixcache.uploader import Uploader
+from nixcache.formats.gcinfo import etag_of
+from nixcache.local import roots
+from nixcache.ops.publish import CycleResult, Publisher
+from nixcache.ops.upload import Uploader
 
 
 async def local_roots(cfg: Config) -> tuple[dict[str, roots.Root], roots.Scan]:

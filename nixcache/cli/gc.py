@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from nixcache.bucket.s3 import S3
 from nixcache.config import Config
-from nixcache.gc import Collector, GcResult
+from nixcache.ops.collect import Collector, GcResult
 from nixcache.progress import Progress
-from nixcache.s3 import S3
 
 
 async def collect(cfg: Config, dry_run: bool, residual_age: float | None, trash: bool) -> GcResult:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(status_args.config, status_args.json)
     args = _parser().parse_args(argv)
     if args.command == "hook":  # stays light: no heavy imports on the build's path
-        from nixcache import hook
+        from nixcache.local import hook
 
         return hook.main()
     if args.command == "hook-script":
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _status(config: str | None, as_json: bool) -> int:
-    from nixcache import statuscmd
+    from nixcache.cli import status as statuscmd
     from nixcache.errors import NixcacheError
 
     try:
@@ -136,13 +136,13 @@ def _serve(config: str | None, embedded: str | None) -> int:
     from pathlib import Path
 
     from nixcache.config import load_config
-    from nixcache.service import Service
+    from nixcache.daemon.service import Service
 
     if embedded is None:
         cfg, path = load_config(config)
         return asyncio.run(Service(cfg, path).run())
 
-    from nixcache import embedded as emb
+    from nixcache.daemon import embedded as emb
 
     cfg, config_file, weed = emb.prepare(Path(embedded))
     try:
@@ -157,7 +157,7 @@ def _serve(config: str | None, embedded: str | None) -> int:
             f"                     nix-build ... --option post-build-hook /tmp/nixcache-hook",
             file=sys.stderr,
         )
-        from nixcache.service import Service
+        from nixcache.daemon.service import Service
 
         return asyncio.run(Service(cfg, config_file).run())
     finally:
@@ -168,11 +168,11 @@ def _du(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from nixcache import du
+    from nixcache.bucket.s3 import S3
     from nixcache.config import load_config
-    from nixcache.gc import Collector
+    from nixcache.ops import du
+    from nixcache.ops.collect import Collector
     from nixcache.progress import Progress
-    from nixcache.s3 import S3
 
     cfg, _ = load_config(args.config)
 
@@ -206,8 +206,8 @@ def _du(args: argparse.Namespace) -> int:
 def _verify(config: str | None, key: str | None) -> int:
     import asyncio
 
-    from nixcache import verify
     from nixcache.config import load_config
+    from nixcache.ops import verify
 
     cfg, _ = load_config(config)
     report, key_name = asyncio.run(verify.run(cfg, key))
@@ -221,7 +221,7 @@ def _verify(config: str | None, key: str | None) -> int:
 def _gc_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from nixcache import gccmd
+    from nixcache.cli import gc as gccmd
     from nixcache.config import load_config, parse_duration
 
     cfg, _ = load_config(args.config)
@@ -241,8 +241,8 @@ def _gc_command(args: argparse.Namespace) -> int:
 def _roots_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from nixcache import rootcmds
     from nixcache.config import load_config
+    from nixcache.ops import roots as rootcmds
 
     cfg, _ = load_config(args.config)
     if args.command == "roots":
@@ -271,9 +271,9 @@ def _hook_script(config: str | None, output_path: str) -> int:
     from pathlib import Path
 
     output = Path(output_path)
-    from nixcache import hook
     from nixcache.config import load_config
     from nixcache.errors import NixcacheError
+    from nixcache.local import hook
 
     try:
         cfg, _ = load_config(config)
@@ -289,8 +289,8 @@ def _hook_script(config: str | None, output_path: str) -> int:
 def _push(config: str | None, paths: list[str]) -> int:
     import asyncio
 
+    from nixcache.cli.push import push
     from nixcache.config import load_config
-    from nixcache.push import push
 
     cfg, _ = load_config(config)
     resolved = [os.path.realpath(p) for p in paths]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nixcache.bucket.s3 import S3
+from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from nixcache.config import Config, load_config
-from nixcache.journal import write_atomic
-from nixcache.s3 import S3
-from nixcache.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
-from nixcache.signing import SecretKey
+from nixcache.formats.signing import SecretKey
+from nixcache.local.journal import write_atomic
 
 BUCKET = "nixcache"
 

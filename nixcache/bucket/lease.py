@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from nixcache import layout, s3
+from nixcache.bucket import layout, s3
 from nixcache.errors import NixcacheError
 from nixcache.logs import get
 
-log = get("nixcache.lease")
+log = get("nixcache.bucket.lease")
 
 
 class LeaseLost(NixcacheError):

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a file (`python -S …/nixcache/hook.py`, see `script()`): skip site
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a file (`python -S …/nixcache/local/hook.py`, see `script()`): skip site
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nixcache import defaults
 
 FIFO_ENV = "NIXCACHE_FIFO"

@@ -11,14 +11,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from nixcache import layout, s3, store
+from nixcache.bucket import layout, s3
+from nixcache.bucket.inventory import Obj, gcinfo_listing, listing
 from nixcache.config import Config, load_signing_key
 from nixcache.errors import NixcacheError
-from nixcache.gc import gcinfo_listing, listing
-from nixcache.gcinfo import GcinfoError, parse
-from nixcache.gcplan import Obj
-from nixcache.narinfo import NarInfo, NarInfoError
-from nixcache.signing import PublicKey
+from nixcache.formats.gcinfo import GcinfoError, parse
+from nixcache.formats.narinfo import NarInfo, NarInfoError
+from nixcache.formats.signing import PublicKey
+from nixcache.local import store
 
 
 @dataclass

@@ -15,19 +15,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from nixcache import __version__, roots, sdnotify, store
-from nixcache.backlog import Backlog
+from nixcache import __version__
+from nixcache.bucket.s3 import REQUESTS, S3, job_requests
 from nixcache.config import Config, load_config, load_signing_key
+from nixcache.daemon import sdnotify
+from nixcache.daemon.backlog import Backlog
 from nixcache.errors import NixcacheError, S3Error, StoreError
-from nixcache.gc import Collector
-from nixcache.journal import Journal, write_atomic
+from nixcache.local import roots, store
+from nixcache.local.journal import Journal, write_atomic
 from nixcache.logs import get
 from nixcache.metrics import Metrics
-from nixcache.publisher import CycleResult, Publisher
-from nixcache.s3 import REQUESTS, S3, job_requests
-from nixcache.uploader import PushResult, Uploader
+from nixcache.ops.collect import Collector
+from nixcache.ops.publish import CycleResult, Publisher
+from nixcache.ops.upload import PushResult, Uploader
 
-log = get("nixcache.service")
+log = get("nixcache.daemon.service")
 
 MAX_LINE = 4096
 READ_SIZE = 1 << 16

@@ -9,49 +9,19 @@ gcinfo member has its NAR hash. The safety argument is docs/gc.md, rule by rule.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
 
-from nixcache import layout
+from nixcache.bucket import layout
+from nixcache.bucket.inventory import UNREADABLE, Edges, Obj
 from nixcache.errors import NixcacheError
-from nixcache.gcinfo import Gcinfo, Member
+from nixcache.formats.gcinfo import Gcinfo, Member
 
 
 class UnsafeToCollect(NixcacheError):
     """Something the plan depends on is unknown: nothing is deleted (when in doubt, keep)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Obj:
-    """An object from a LIST: key, size, last modification (epoch seconds), ETag."""
-
-    key: str
-    size: int
-    mtime: float
-    etag: str = ""
-
-    @classmethod
-    def from_listing(cls, entry: dict[str, Any]) -> Obj:
-        modified = entry.get("LastModified")
-        mtime = modified.timestamp() if isinstance(modified, datetime) else 0.0
-        # Interned: a NAR's key is also the URL of the narinfo naming it (one string for both).
-        key = sys.intern(str(entry["Key"]))
-        return cls(key, int(entry.get("Size", 0)), mtime, str(entry.get("ETag", "")).strip('"'))
-
-
-@dataclass(frozen=True, slots=True)
-class Edges:
-    """What the collector needs of one narinfo: the NAR it names and the paths it references
-    (hash parts, itself excluded). ``url`` None: the narinfo could not be read or parsed."""
-
-    url: str | None
-    refs: tuple[str, ...] = ()
-
-
-UNREADABLE = Edges(None)
 MOVE_WINDOW = 600.0
 """A trash gcinfo whose twin is still in gcroots/ and younger than this is being moved."""
 

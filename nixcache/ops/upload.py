@@ -13,18 +13,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from nixcache import layout, s3, store
+from nixcache.bucket import layout, s3
+from nixcache.bucket.deletions import Baseline, Tracker
+from nixcache.bucket.narindex import NarIndex
 from nixcache.config import Config
-from nixcache.deletions import Baseline, Tracker
 from nixcache.errors import S3Error
+from nixcache.formats.nar import NarStream
+from nixcache.formats.narinfo import NarInfo
+from nixcache.formats.signing import SecretKey
+from nixcache.local import store
+from nixcache.local.store import PathInfo
 from nixcache.logs import get
-from nixcache.nar import NarStream
-from nixcache.narindex import NarIndex
-from nixcache.narinfo import NarInfo
-from nixcache.signing import SecretKey
-from nixcache.store import PathInfo
 
-log = get("nixcache.uploader")
+log = get("nixcache.ops.upload")
 
 HEAD_CONCURRENCY = 16
 LIST_COST_IN_HEADS = 12

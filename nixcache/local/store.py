@@ -8,8 +8,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from nixcache import nix32
 from nixcache.errors import StoreError
+from nixcache.formats import nix32
 
 NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
 _BASENAME = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]{1,211}$")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from nixcache import store
+from nixcache.bucket.s3 import S3
 from nixcache.config import Config, load_signing_key
+from nixcache.local import store
+from nixcache.local.store import PathInfo
+from nixcache.ops.upload import Uploader
 from nixcache.progress import Progress
-from nixcache.s3 import S3
-from nixcache.store import PathInfo
-from nixcache.uploader import Uploader
 
 
 async def push(cfg: Config, paths: list[str]) -> int:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 from asyncinotify import Inotify, Mask, Watch
 
-from nixcache import store
 from nixcache.errors import StoreError
-from nixcache.journal import write_atomic
-from nixcache.layout import gcinfo_name
+from nixcache.local import store
+from nixcache.local.journal import write_atomic
 from nixcache.logs import get
 
-log = get("nixcache.roots")
+log = get("nixcache.local.roots")
 
 MAX_LINK_DEPTH = 40
 WATCH_MASK = (
@@ -236,7 +235,7 @@ async def discover(dirs: Iterable[Path], store_dir: str, memory: Memory) -> Scan
     return result
 
 
-def _matches(patterns: Iterable[str], names: Iterable[str]) -> bool:
+def matches(patterns: Iterable[str], names: Iterable[str]) -> bool:
     names = list(names)
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
@@ -249,15 +248,10 @@ def select(roots: dict[str, Root], include: Iterable[str], exclude: Iterable[str
     for path, root in roots.items():
         for chain in root.chains:
             names = [*chain, path]
-            if _matches(include, names) and not _matches(exclude, names):
+            if matches(include, names) and not matches(exclude, names):
                 chosen[path] = root
                 break
     return chosen
-
-
-def is_kept(store_path: str, keep: Iterable[str]) -> bool:
-    """Pinned by ``[roots] keep``: matched on the store path or the gcinfo name."""
-    return _matches(keep, [store_path, gcinfo_name(store_path)])
 
 
 class Watcher:

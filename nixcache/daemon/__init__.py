@@ -1,0 +1,1 @@
+"""``nixcache serve``: the long-running service, split by task."""

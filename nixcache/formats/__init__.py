@@ -1,0 +1,1 @@
+"""Bucket formats and Nix encodings: pure, bytes in and values out."""

@@ -1,0 +1,1 @@
+"""This machine: the Nix store, its GC roots, the durable queue of pending paths, the hook."""
