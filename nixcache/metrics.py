@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-disable_created_metrics()  # no `_created` series: the counters start with the process
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: the counters start with the process
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
