@@ -1,10 +1,10 @@
 """The daemon's Prometheus metrics, with ``prometheus_client``: one registry per process.
 
 The daemon serves them on a loopback port and/or writes them for node_exporter's textfile
-collector (daemon/control.py); the modules that do the work observe them where it happens:
-bucket/s3.py every request and its latency, ops/upload.py each path, ops/collect.py each
-collection. A process runs one daemon, so module-level metrics are the library's own idiom;
-counters run from process start (``nixcache status`` says "since start").
+collector (daemon/control.py); they are observed where the work happens: bucket/s3.py
+every request and its latency, ops/upload.py each path, the daemon's jobs their cycles.
+A process runs one daemon, so module-level metrics are the library's own idiom; counters
+run from process start (``nixcache status`` says "since start").
 """
 
 from __future__ import annotations
@@ -68,6 +68,16 @@ GC_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
     registry=REGISTRY,
 )
+
+
+def observe_upload(nar_bytes: int, compressed_bytes: int, seconds: float) -> None:
+    """One store path uploaded (its NAR and narinfo)."""
+    UPLOADS.inc()
+    NAR_BYTES.inc(nar_bytes)
+    COMPRESSED_BYTES.inc(compressed_bytes)
+    UPLOAD_NAR_SIZE.observe(nar_bytes)
+    UPLOAD_FILE_SIZE.observe(compressed_bytes)
+    UPLOAD_SECONDS.observe(seconds)
 
 
 def exposition() -> bytes:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from nixcache import metrics
 from nixcache.bucket import layout, s3
 from nixcache.bucket.deletions import Baseline, Tracker
 from nixcache.bucket.narindex import NarIndex
@@ -329,12 +330,14 @@ class Uploader:
         result.uploaded += 1
         result.nar_bytes += nar.result.nar_size
         result.file_bytes += nar.result.file_size
+        seconds = time.monotonic() - started
+        metrics.observe_upload(nar.result.nar_size, nar.result.file_size, seconds)
         log.info(
             "nar.uploaded",
             path=info.path,
             nar_bytes=nar.result.nar_size,
             compressed_bytes=nar.result.file_size,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(seconds, 3),
             requests=sum(counter.values()),
         )
         if self.on_progress is not None:
