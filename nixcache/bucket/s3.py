@@ -1,8 +1,8 @@
 """The only module that talks to S3: an aiobotocore client with retries and request counters.
 
-Every HTTP request (retries included: users pay for those too) is counted by operation,
-globally and for the job running in the current asyncio context (see :func:`job_requests`).
-"""
+Every HTTP request (retries included: users pay for those too) is counted by operation, in
+:mod:`nixcache.metrics` and for the job running in the current asyncio context (see
+:func:`job_requests`); so is every API call's latency."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import datetime
 import email.utils
+import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from types import TracebackType
@@ -20,7 +21,7 @@ import botocore.utils
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from nixcache import __version__
+from nixcache import __version__, metrics
 from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
@@ -29,10 +30,16 @@ if TYPE_CHECKING:
 
     from nixcache.config import S3Config
 
-REQUESTS: Counter[str] = Counter()
-"""Every request this process made, by operation (status and metrics read it)."""
-
 _job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
+_STARTED = "nixcache_started"  # the key of an API call's start time in botocore's request context
+_HINTS = {
+    "InvalidAccessKeyId": "the access key is not known to the endpoint: check credentials_file/profile",
+    "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
+    "AccessDenied": "these credentials may not do this: check the bucket policy",
+    "NoSuchBucket": "the bucket does not exist: create it first",
+    # HEAD responses carry no body, so only the status is known:
+    "403": "forbidden: wrong credentials (check credentials_file/profile) or a bucket policy that denies this",
+}
 
 
 @contextlib.contextmanager
@@ -48,21 +55,29 @@ def job_requests() -> Iterator[Counter[str]]:
         _job_counters.reset(token)
 
 
-def _describe(err: Exception, bucket: str, key: str | None) -> S3Error:
-    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+def _describe(err: Exception, where: str) -> S3Error:
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "?")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-        hint = {
-            "InvalidAccessKeyId": "the access key is not known to the endpoint: check credentials_file/profile",
-            "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
-            "AccessDenied": "these credentials may not do this: check the bucket policy",
-            "NoSuchBucket": "the bucket does not exist: create it first",
-            # HEAD responses carry no body, so only the status is known:
-            "403": "forbidden: wrong credentials (check credentials_file/profile) or a bucket policy that denies this",
-        }.get(str(code), "")
+        hint = _HINTS.get(str(code), "")
         return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
     return S3Error(f"{where}: {err}")
+
+
+@contextlib.contextmanager
+def _mapped(where: str, *tolerated: int | str) -> Iterator[None]:
+    """The one error mapping: botocore's errors in the block become an S3Error about ``where``,
+    but a ClientError whose HTTP status (an int) or Error.Code (a str) is ``tolerated`` is
+    swallowed: the code after the block then returns the "absent"/"condition failed" value."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as e:
+        if isinstance(e, ClientError) and (
+            e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in tolerated
+            or e.response.get("Error", {}).get("Code") in tolerated
+        ):
+            return
+        raise _describe(e, where) from None
 
 
 def parse_timestamp(value: str | int | float) -> datetime.datetime:
@@ -113,13 +128,15 @@ class S3:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        try:
+        with _mapped("cannot create S3 client"):
             client = await self._stack.enter_async_context(
                 session.create_client("s3", endpoint_url=self.cfg.endpoint, config=config)
             )
-        except BotoCoreError as e:
-            raise S3Error(f"cannot create S3 client: {e}") from None
         client.meta.events.register("before-send.s3", self._count)
+        # API call latency, retries included; after-call-error: no response (connection errors…)
+        client.meta.events.register("before-call.s3", self._started)
+        client.meta.events.register("after-call.s3", self._finished)
+        client.meta.events.register("after-call-error.s3", self._finished)
         self._client = client
         return self
 
@@ -131,9 +148,23 @@ class S3:
     def _count(self, event_name: str, **_: Any) -> None:
         op = event_name.rsplit(".", 1)[-1]
         self.requests[op] += 1
-        REQUESTS[op] += 1
+        metrics.S3_REQUESTS.labels(op).inc()
         for job in _job_counters.get():
             job[op] += 1
+
+    @staticmethod
+    def _started(context: dict[str, Any], **_: Any) -> None:
+        context[_STARTED] = time.monotonic()
+
+    @staticmethod
+    def _finished(event_name: str, context: dict[str, Any], **_: Any) -> None:
+        started = context.pop(_STARTED, None)
+        if started is not None:
+            metrics.S3_SECONDS.labels(event_name.rsplit(".", 1)[-1]).observe(time.monotonic() - started)
+
+    def _errors(self, key: str | None, *tolerated: int | str) -> contextlib.AbstractContextManager[None]:
+        """:func:`_mapped` about ``key`` in this bucket (the bucket itself if ``key`` is None)."""
+        return _mapped(f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}", *tolerated)
 
     @property
     def client(self) -> S3Client:
@@ -145,19 +176,22 @@ class S3:
 
     async def head(self, key: str) -> dict[str, Any] | None:
         """The object's metadata (ContentLength, LastModified, ETag…), or None if it is absent."""
-        try:
+        with self._errors(key, 404):
             return dict(await self.client.head_object(Bucket=self.bucket, Key=key))
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise _describe(e, self.bucket, key) from None
-        except BotoCoreError as e:
-            raise _describe(e, self.bucket, key) from None
+        return None
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
         got = await self.get_with_etag(key)
         return got[0] if got is not None else None
+
+    async def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when it does not exist."""
+        with self._errors(key, "NoSuchKey", "404"):
+            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                return await body.read(), str(resp.get("ETag", ""))
+        return None
 
     async def put(
         self,
@@ -166,49 +200,35 @@ class S3:
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
     ) -> None:
-        try:
+        with self._errors(key):
             await self.client.put_object(
                 Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata or {}
             )
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, key) from None
 
     async def put_if(self, key: str, body: bytes, *, none_match: bool = False, match: str | None = None) -> str | None:
         """Conditional PUT (``If-None-Match: *`` or ``If-Match: etag``): the new ETag, or None
         when the condition failed (someone else's object is there / it changed)."""
         kwargs: dict[str, Any] = {"IfNoneMatch": "*"} if none_match else {"IfMatch": match}
-        try:
+        with self._errors(key, 409, 412):
             resp = await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **kwargs)
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                return None
-            raise _describe(e, self.bucket, key) from None
-        except BotoCoreError as e:
-            raise _describe(e, self.bucket, key) from None
-        return str(resp.get("ETag", ""))
+            return str(resp.get("ETag", ""))
+        return None
 
     async def delete_if(self, key: str, etag: str) -> bool:
         """Delete ``key`` only if its ETag is still ``etag``."""
-        try:
+        with self._errors(key, 404, 409, 412):
             await self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
             return True
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
-                return False
-            raise _describe(e, self.bucket, key) from None
-        except BotoCoreError as e:
-            raise _describe(e, self.bucket, key) from None
+        return False
 
     async def delete_many(self, keys: list[str]) -> None:
         """DeleteObjects, ≤ 1000 keys a request (missing keys are not an error in S3)."""
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
-            try:
+            with self._errors(batch[0]):
                 resp = await self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
-            except (ClientError, BotoCoreError) as e:
-                raise _describe(e, self.bucket, batch[0]) from None
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -216,13 +236,11 @@ class S3:
 
     async def move(self, src: str, dst: str) -> None:
         """Copy then delete: safe to repeat after a crash between the two (the copy is redone)."""
-        try:
+        with self._errors(src):
             await self.client.copy_object(
                 Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, MetadataDirective="COPY"
             )
             await self.client.delete_object(Bucket=self.bucket, Key=src)
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, src) from None
 
     async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
         """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.
@@ -234,72 +252,55 @@ class S3:
         upload_id: str | None = None
         parts: list[CompletedPartTypeDef] = []
         client = self.client
+
+        async def part(body: bytes) -> None:
+            assert upload_id is not None
+            n = len(parts) + 1
+            r = await client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=body)
+            parts.append({"ETag": r["ETag"], "PartNumber": n})
+
         try:
-            async for chunk in chunks:
-                buf += chunk
-                while len(buf) >= part_size:
-                    if upload_id is None:
-                        resp = await client.create_multipart_upload(
-                            Bucket=self.bucket, Key=key, ContentType=content_type
-                        )
-                        upload_id = resp["UploadId"]
-                    part, buf = bytes(buf[:part_size]), buf[part_size:]
-                    n = len(parts) + 1
-                    r = await client.upload_part(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=part
-                    )
-                    parts.append({"ETag": r["ETag"], "PartNumber": n})
-            if upload_id is None:
-                await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
-                return
-            if buf or not parts:
-                n = len(parts) + 1
-                r = await client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=bytes(buf)
+            with self._errors(key):
+                async for chunk in chunks:
+                    buf += chunk
+                    while len(buf) >= part_size:
+                        if upload_id is None:
+                            resp = await client.create_multipart_upload(
+                                Bucket=self.bucket, Key=key, ContentType=content_type
+                            )
+                            upload_id = resp["UploadId"]
+                        await part(bytes(buf[:part_size]))
+                        buf = buf[part_size:]
+                if upload_id is None:
+                    await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
+                    return
+                if buf or not parts:
+                    await part(bytes(buf))
+                await client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )
-                parts.append({"ETag": r["ETag"], "PartNumber": n})
-            await client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-            upload_id = None
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, key) from None
+                upload_id = None
         finally:
             if upload_id is not None:
                 with contextlib.suppress(ClientError, BotoCoreError):
                     await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-
-    async def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag, or None when it does not exist."""
-        try:
-            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
-            async with resp["Body"] as body:
-                return await body.read(), str(resp.get("ETag", ""))
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise _describe(e, self.bucket, key) from None
-        except BotoCoreError as e:
-            raise _describe(e, self.bucket, key) from None
 
     async def list_keys(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every object under ``prefix`` (paged LIST), as the API's dicts (Key, Size, ETag,
         LastModified). With ``delimiter="/"``, sub-folders are not descended."""
         paginator = self.client.get_paginator("list_objects_v2")
         extra: dict[str, Any] = {"Delimiter": delimiter} if delimiter else {}
-        try:
+        with self._errors(prefix):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **extra):
                 for obj in page.get("Contents", []):
                     yield dict(obj)
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, prefix) from None
 
     async def list_names(self, prefix: str, max_pages: int) -> list[str] | None:
         """Key names directly under ``prefix`` (``/`` as delimiter: sub-folders are not
         descended), or None if that takes more than ``max_pages`` LIST requests."""
         names: list[str] = []
         token: str | None = None
-        try:
+        with self._errors(prefix):
             for _ in range(max_pages):
                 kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
                 if token:
@@ -309,18 +310,12 @@ class S3:
                 token = page.get("NextContinuationToken")
                 if not page.get("IsTruncated") or not token:
                     return names
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, prefix) from None
         return None
 
     async def create_bucket(self) -> None:
         """Create the bucket if it is missing (embedded mode, tests, benchmarks)."""
-        try:
+        with contextlib.suppress(ClientError):  # an error of the HEAD: try to create it
             await self.client.head_bucket(Bucket=self.bucket)
             return
-        except ClientError:
-            pass
-        try:
+        with self._errors(None):
             await self.client.create_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as e:
-            raise _describe(e, self.bucket, None) from None

@@ -162,7 +162,6 @@ class Workers(State):
         )
 
     @staticmethod
-    @staticmethod
     async def _gone(path: str) -> bool | None:
         """Is ``path`` (or, for a .drv, one of its outputs) no longer valid? None: Nix could
         not be asked."""
