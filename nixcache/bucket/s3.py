@@ -269,8 +269,8 @@ class S3:
                                 Bucket=self.bucket, Key=key, ContentType=content_type
                             )
                             upload_id = resp["UploadId"]
-                        await part(bytes(buf[:part_size]))
-                        buf = buf[part_size:]
+                        body, buf = bytes(buf[:part_size]), buf[part_size:]  # the old buffer goes now
+                        await part(body)
                 if upload_id is None:
                     await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
                     return
