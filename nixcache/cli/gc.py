@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from nixcache.bucket.s3 import S3
-from nixcache.config import Config
+from nixcache.cli.common import config, with_progress
+from nixcache.config import Config, parse_duration
 from nixcache.ops.collect import Collector, GcResult
 from nixcache.progress import Progress
 
 
-async def collect(cfg: Config, dry_run: bool, residual_age: float | None, trash: bool) -> GcResult:
-    progress = Progress()
+def gc(args: argparse.Namespace) -> int:
+    return _collect(args, config(args), residual_age=None, trash=True)
+
+
+def residual(args: argparse.Namespace) -> int:
+    cfg = config(args)
     try:
+        age = float(parse_duration(args.older_than))  # type: ignore[arg-type]
+    except ValueError as e:
+        print(f"nixcache: --older-than: {e}", file=sys.stderr)
+        return 2
+    return _collect(args, cfg, residual_age=age, trash=False)
+
+
+def _collect(args: argparse.Namespace, cfg: Config, residual_age: float | None, trash: bool) -> int:
+    async def collect(progress: Progress) -> GcResult:
         async with S3(cfg.s3) as bucket:
             collector = Collector(cfg, bucket, progress)
-            return await collector.collect(dry_run=dry_run, residual_age=residual_age, trash=trash)
-    finally:
-        progress.close()
+            return await collector.collect(dry_run=args.dry_run, residual_age=residual_age, trash=trash)
+
+    print(report(with_progress(collect), args.dry_run))
+    return 0
 
 
 def report(result: GcResult, dry_run: bool) -> str:

@@ -2,21 +2,20 @@
 
 Stdlib only: it must answer in well under 100 ms, and importing pydantic, asyncio and
 structlog alone would take twice that. The socket sits beside the FIFO (``fifo`` in the
-config file, read as plain TOML)."""
+config file, read as plain TOML); the reply is a :class:`nixcache.status.Status`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 from nixcache import configfile, defaults
 from nixcache.errors import NixcacheError
-
-if TYPE_CHECKING:
-    from typing import Any
+from nixcache.status import Status
 
 
 def control_socket(config: str | os.PathLike[str] | None) -> str:
@@ -47,39 +46,41 @@ def query(path: str, command: str = "status") -> str:
     return b"".join(chunks).decode()
 
 
-def _when(t: float | None) -> str:
-    if t is None:
-        return "-"
+def _when(t: float) -> str:
     delta = t - time.time()
     return f"in {delta:.0f}s" if delta >= 0 else f"{-delta:.0f}s ago"
 
 
-def render(status: dict[str, Any]) -> str:
+def render(status: Status) -> str:
     lines = [
-        f"nixcache {status['version']} (pid {status['pid']}), up {status['uptime_seconds']:.0f}s, "
-        f"config {status['config_file']}, bucket {status['bucket']}",
-        f"uploads: {status['uploaded']} done, {status['in_flight']} in flight, {status['queue_depth']} queued, "
-        f"{status['pending']} pending in the journal, {status.get('failing', len(status['failures']))} failing",
+        f"nixcache {status.version} (pid {status.pid}), up {status.uptime_seconds:.0f}s, "
+        f"config {status.config_file}, bucket {status.bucket}",
+        f"uploads: {status.uploaded} done, {status.in_flight} in flight, {status.queue_depth} queued, "
+        f"{status.pending} pending in the journal, {status.failing} failing",
     ]
-    if status.get("outage"):
-        outage = status["outage"]
-        lines.append(f"  paused: {outage['error']} (next attempt in {outage['retry_in']:.0f}s)")
-    failures = status["failures"]
+    if status.outage:
+        lines.append(f"  paused: {status.outage.error} (next attempt in {status.outage.retry_in:.0f}s)")
+    failures = status.failures
     lines += [f"  failing: {path}: {error}" for path, error in failures.items()]
-    if status.get("failing", 0) > len(failures):
-        lines.append(f"  … and {status['failing'] - len(failures)} more (the {len(failures)} most recent are shown)")
-    lines.append(f"roots: {status['roots']} local roots published")
-    for job in ("dereference", "collection"):
-        cycle = status.get(job)
+    if status.failing > len(failures):
+        lines.append(f"  … and {status.failing - len(failures)} more (the {len(failures)} most recent are shown)")
+    lines.append(f"roots: {status.roots} local roots published")
+    for job, cycle in (("dereference", status.dereference), ("collection", status.collection)):
         if cycle:
-            lines.append(f"{job}: last {_when(cycle['last'])}, next {_when(cycle['next'])}: {cycle['summary']}")
+            lines.append(f"{job}: last {_when(cycle.last)}, next {_when(cycle.next)}: {cycle.summary}")
         else:
             lines.append(f"{job}: not run yet")
-    requests = ", ".join(f"{k} {v}" for k, v in status["requests"].items()) or "none"
+    requests = ", ".join(f"{k} {v}" for k, v in status.requests.items()) or "none"
     lines.append(f"S3 requests since start: {requests}")
     return "\n".join(lines)
 
 
-def status(config: str | os.PathLike[str] | None, as_json: bool) -> str:
-    data = json.loads(query(control_socket(config)))
-    return json.dumps(data, indent=2) if as_json else render(data)
+def show(config: str | os.PathLike[str] | None, as_json: bool) -> str:
+    """The daemon's answer, checked against the one schema: as JSON, or for a person."""
+    status = Status.from_json(query(control_socket(config)))
+    return json.dumps(asdict(status), indent=2) if as_json else render(status)
+
+
+def status(args: argparse.Namespace) -> int:
+    print(show(args.config, args.json))
+    return 0

@@ -6,8 +6,14 @@ dir, so restarts reuse them), creates the bucket and returns the config to serve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from nixcache.bucket.s3 import S3
 from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
@@ -41,12 +47,15 @@ def prepare(state_dir: Path) -> tuple[Config, Path, SeaweedFS]:
     (state_dir / "gcroots").mkdir(exist_ok=True)
     # Trying it out must not publish (and push) every GC root of the machine: only the links
     # put in <state_dir>/gcroots count.
-    config.write_text(
-        f'state_dir = "{state_dir}"\nfifo = "{state_dir / "hook.fifo"}"\n'
-        f'gcroots_dir = "{state_dir / "gcroots"}"\nprofiles_dir = ""\n'
-        f'[s3]\nbucket = "{BUCKET}"\nendpoint = "{weed.endpoint}"\ncredentials_file = "{creds}"\n'
-        f'[signing]\nsecret_key_file = "{key_file}"\n'
-    )
+    settings = {
+        "state_dir": str(state_dir),
+        "fifo": str(state_dir / "hook.fifo"),
+        "gcroots_dir": str(state_dir / "gcroots"),
+        "profiles_dir": "",
+        "s3": {"bucket": BUCKET, "endpoint": weed.endpoint, "credentials_file": str(creds)},
+        "signing": {"secret_key_file": str(key_file)},
+    }
+    config.write_text(tomli_w.dumps(settings))
     cfg, _ = load_config(config)
     return cfg, config, weed
 
@@ -54,3 +63,25 @@ def prepare(state_dir: Path) -> tuple[Config, Path, SeaweedFS]:
 async def create_bucket(cfg: Config) -> None:
     async with S3(cfg.s3) as s3:
         await s3.create_bucket()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What `nixcache serve --embedded` serves with, and tells the user to point Nix at."""
+
+    cfg: Config
+    config_file: Path
+    endpoint: str
+    public_key: str
+
+
+@contextlib.contextmanager
+def running(state_dir: Path) -> Iterator[Setup]:
+    """The embedded server up and its bucket created, for the time of the block."""
+    cfg, config_file, weed = prepare(state_dir)
+    try:
+        asyncio.run(create_bucket(cfg))
+        public_key = (state_dir / "signing.pub").read_text().strip()
+        yield Setup(cfg, config_file, weed.endpoint, public_key)
+    finally:
+        weed.stop()

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nixcache.bucket import layout
-from nixcache.bucket.inventory import Edges, Obj, gcinfo_listing
+from nixcache.bucket.inventory import gcinfo_listing
+from nixcache.bucket.s3 import S3
+from nixcache.config import Config
 from nixcache.formats.gcinfo import Gcinfo, Member
-from nixcache.ops.collect import Collector
+from nixcache.ops.collect import Collector, ProgressFn, State
 from nixcache.ops.plan import plan_collection
+from nixcache.progress import silent
 
 
 @dataclass
@@ -49,14 +52,9 @@ class Usage:
         }  # fmt: skip
 
 
-def usage(
-    live: dict[str, Gcinfo],
-    trash: dict[str, Gcinfo],
-    narinfos: dict[str, Obj],
-    nars: dict[str, Obj],
-    edges: dict[str, Edges],
-) -> Usage:
-    """Sizes (pure). ``narinfos`` keyed by hash part, ``nars`` by key."""
+def usage(state: State, trash: dict[str, Gcinfo]) -> Usage:
+    """Sizes (pure), from what a collector reads of the bucket and the gcinfos in the trash."""
+    live, narinfos, nars = state.live, state.narinfos, state.nars
     size = {o.key: o.size for o in (*narinfos.values(), *nars.values())}
     roots_of_path: Counter[str] = Counter()
     roots_of_nar: Counter[str] = Counter()
@@ -97,18 +95,18 @@ def usage(
             "bytes": sum(size[k] for k in keys_of(members)),
             "exclusive": sum(r.exclusive for r in roots),
         }
-    u.trash = plan_collection(trash, live, narinfos, edges, nars, math.inf, 0.0).bytes  # grace aside
+    u.trash = plan_collection(trash, live, narinfos, state.edges, nars, math.inf, 0.0).bytes  # grace aside
     accounted = keys_of(m for g in (*live.values(), *trash.values()) for m in g.members)
     u.residual = u.total - sum(size[k] for k in accounted)
     return u
 
 
-async def measure(collector: Collector, host: str | None) -> Usage:
-    bucket = collector.bucket
-    trash = await gcinfo_listing(bucket, layout.TRASH_PREFIX)
-    dead = await collector.read_gcinfos(trash)
-    state = await collector.read_state()
-    u = usage(state.live, dead, state.narinfos, state.nars, state.edges)
+async def measure(cfg: Config, host: str | None, progress: ProgressFn = silent) -> Usage:
+    """`nixcache du`: the whole bucket, or only ``host``'s roots (the totals stay the bucket's)."""
+    async with S3(cfg.s3) as bucket:
+        collector = Collector(cfg, bucket, progress)
+        trash = await collector.read_gcinfos(await gcinfo_listing(bucket, layout.TRASH_PREFIX))
+        u = usage(await collector.read_state(), trash)
     if host is not None:
         u.roots = [r for r in u.roots if r.host == host]
         u.hosts = {h: v for h, v in u.hosts.items() if h == host}

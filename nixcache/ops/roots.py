@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from nixcache.bucket import layout
 from nixcache.bucket.s3 import S3
@@ -22,12 +23,23 @@ async def local_roots(cfg: Config) -> tuple[dict[str, roots.Root], roots.Scan]:
     return roots.select(scan.roots, cfg.roots.include, cfg.roots.exclude), scan
 
 
-async def status(cfg: Config) -> list[tuple[str, str, str]]:
-    """(state, root, how it was found) for every local root and every published gcinfo:
-    published (bucket has exactly this closure), stale (it has an older one), missing, gone
-    (published, no longer a local root: the next dereference trashes it), pinned (gone, but
-    matches `keep`), and links that lead nobody knows where: unknown (dereference waits) or
-    held (kept as the store path they last led to)."""
+@dataclass(frozen=True)
+class RootState:
+    """One row of `nixcache roots`."""
+
+    state: str
+    """published (the bucket has exactly this closure), stale (it has an older one), missing,
+    gone (published, no longer a local root: the next dereference trashes it), pinned (gone,
+    but matches `keep`), or, for links that lead nobody knows where: unknown (dereference
+    waits) or held (kept as the store path they last led to)."""
+    root: str
+    """The root's store path (the gcinfo's key if it names none), or the link."""
+    via: tuple[str, ...]
+    """How it was found: the chain of links to it, the gcinfo's key, or why the link is unknown."""
+
+
+async def status(cfg: Config) -> list[RootState]:
+    """Every local root, every published gcinfo of this host and every link not followed."""
     selected, scan = await local_roots(cfg)
     publisher = Publisher(cfg)
     async with S3(cfg.s3) as bucket:
@@ -36,16 +48,18 @@ async def status(cfg: Config) -> list[tuple[str, str, str]]:
     for root, (_, data) in (await publisher.gcinfos(selected)).items():
         etag = remote.get(publisher.folder + layout.gcinfo_name(root))
         state = "missing" if etag is None else "published" if etag == etag_of(data) else "stale"
-        rows.append((state, root, " → ".join(selected[root].chains[0])))
+        rows.append(RootState(state, root, tuple(selected[root].chains[0])))
     gone = set(publisher.gone(remote, selected))
     for key in sorted(remote):
         store_path = layout.store_path_of_gcinfo(key[len(publisher.folder) :], cfg.store_dir) or key
         if key in gone:
-            rows.append(("gone", store_path, key))
+            rows.append(RootState("gone", store_path, (key,)))
         elif store_path not in selected:
-            rows.append(("pinned", store_path, key))
-    rows += [("unknown", line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in scan.unreadable]
-    rows += [("held", line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in scan.held]
+            rows.append(RootState("pinned", store_path, (key,)))
+    for state, lines in (("unknown", scan.unreadable), ("held", scan.held)):
+        for line in lines:
+            link, why = line.split(":", 1)
+            rows.append(RootState(state, link, (why.strip(),)))
     return rows
 
 

@@ -26,6 +26,8 @@ class Report:
     narinfos: int = 0
     gcinfos: int = 0
     problems: list[str] = field(default_factory=list)
+    key: str | None = None
+    """The name of the key signatures were checked with; None: not checked."""
 
 
 def check_narinfo(
@@ -56,7 +58,7 @@ UpstreamCheck = Callable[[list[str]], Awaitable[set[str]]]
 async def verify(bucket: s3.S3, public: PublicKey | None, upstream_of: UpstreamCheck) -> Report:
     """Check the whole bucket. ``upstream_of`` says which of some missing references (base
     names) are upstream paths, which a cache rightly does not hold."""
-    report = Report()
+    report = Report(key=public.name if public else None)
     top, nars, roots = await asyncio.gather(
         listing(bucket, "", "/"), listing(bucket, layout.NAR_PREFIX), gcinfo_listing(bucket, layout.ROOTS_PREFIX)
     )
@@ -93,7 +95,7 @@ async def verify(bucket: s3.S3, public: PublicKey | None, upstream_of: UpstreamC
     return report
 
 
-async def run(cfg: Config, key: str | None) -> tuple[Report, str | None]:
+async def run(cfg: Config, key: str | None) -> Report:
     """`nixcache verify`: with ``key``, else the public half of the configured signing key."""
     public: PublicKey | None = None
     if key:
@@ -113,5 +115,4 @@ async def run(cfg: Config, key: str | None) -> tuple[Report, str | None]:
         return {p.rsplit("/", 1)[1] for p, info in infos.items() if info.signed_by(names)}
 
     async with s3.S3(cfg.s3) as bucket:
-        report = await verify(bucket, public, upstream_of)
-    return report, public.name if public else None
+        return await verify(bucket, public, upstream_of)

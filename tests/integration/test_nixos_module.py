@@ -164,7 +164,7 @@ def test_unit_runs_real_commands_and_is_hardened() -> None:
     assert service["wantedBy"] == ["multi-user.target"]
     assert service["unitConfig"]["After"] == "network-online.target nix-daemon.service"
     # The unit file NixOS renders from it.
-    assert result["unit"]["name"] == "nixcache.daemon.service" and result["unit"]["wantedBy"] == ["multi-user.target"]
+    assert result["unit"]["name"] == "nixcache.service" and result["unit"]["wantedBy"] == ["multi-user.target"]
     text = result["unit"]["text"]
     for line in (
         "[Service]",
