@@ -15,6 +15,8 @@ python3.pkgs.buildPythonApplication {
     pydantic
     zstandard
     cryptography
+    prometheus-client
+    tomli-w
   ];
 
   # The post-build hook runs after every build: start it with `python -S` (no site-packages
@@ -30,7 +32,7 @@ python3.pkgs.buildPythonApplication {
 
   # The test suite needs a Nix store, SeaweedFS and moto servers: it runs in CI (.ci/run).
   doCheck = false;
-  pythonImportsCheck = [ "nixcache" "nixcache.service" ];
+  pythonImportsCheck = [ "nixcache" "nixcache.cli" "nixcache.daemon.service" ];
 
   meta = {
     description = "A Nix binary cache in any S3 bucket, garbage-collected by GC roots";

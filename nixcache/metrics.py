@@ -70,11 +70,16 @@ GC_SECONDS = Histogram(
 )
 
 
-def observe_upload(nar_bytes: int, compressed_bytes: int, seconds: float) -> None:
-    """One store path uploaded (its NAR and narinfo)."""
-    UPLOADS.inc()
+def pushed(paths: int, nar_bytes: int, compressed_bytes: int) -> None:
+    """A worker's push of pending paths succeeded: what the hook's paths cost (the counters
+    and `nixcache status`'s ``uploaded``; what publishing a root uploads is not counted)."""
+    UPLOADS.inc(paths)
     NAR_BYTES.inc(nar_bytes)
     COMPRESSED_BYTES.inc(compressed_bytes)
+
+
+def observe_upload(nar_bytes: int, compressed_bytes: int, seconds: float) -> None:
+    """One store path uploaded, by anyone in this process (the histograms)."""
     UPLOAD_NAR_SIZE.observe(nar_bytes)
     UPLOAD_FILE_SIZE.observe(compressed_bytes)
     UPLOAD_SECONDS.observe(seconds)

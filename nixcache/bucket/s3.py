@@ -234,13 +234,16 @@ class S3:
                 first = errors[0]
                 raise S3Error(f"s3://{self.bucket}/{first.get('Key')}: delete failed: {first.get('Code')}")
 
-    async def move(self, src: str, dst: str) -> None:
-        """Copy then delete: safe to repeat after a crash between the two (the copy is redone)."""
-        with self._errors(src):
+    async def move(self, src: str, dst: str) -> bool:
+        """Copy then delete: safe to repeat after a crash between the two (the copy is redone).
+        False when ``src`` is not there (someone moved it first)."""
+        with self._errors(src, "NoSuchKey"):
             await self.client.copy_object(
                 Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, MetadataDirective="COPY"
             )
             await self.client.delete_object(Bucket=self.bucket, Key=src)
+            return True
+        return False
 
     async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
         """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.

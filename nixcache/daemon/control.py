@@ -7,13 +7,11 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import start_http_server, write_to_textfile
 
 from nixcache import __version__, metrics
 from nixcache.daemon import sdnotify
 from nixcache.daemon.state import State
+from nixcache.local.journal import write_atomic
 from nixcache.logs import get
 from nixcache.status import Outage, Status
 
@@ -22,7 +20,6 @@ log = get("nixcache.daemon.control")
 
 class Control(State):
     _servers: list[asyncio.Server]
-    _http: WSGIServer | None
 
     def status(self) -> Status:
         """What `nixcache status` shows: no S3 request needed."""
@@ -67,20 +64,37 @@ class Control(State):
         finally:
             writer.close()
 
+    async def _metrics_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A scrape. On the event loop, not prometheus_client's server: that one starts a
+        thread per connection with no timeout (idle local connections would pile up), binds
+        one address of a name (``localhost`` is two), and takes 0.5 s to stop."""
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            body = metrics.exposition()
+            # The text format 0.0.4 (metric names as Prometheus has always had them: the 1.0.0
+            # format the library calls latest writes the same bytes for them).
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
     async def _metrics_textfile_loop(self, path: Path) -> None:
-        """For node_exporter's textfile collector (written atomically: a temporary file renamed)."""
+        """For node_exporter's textfile collector (written atomically and durably)."""
 
         async def job() -> None:
             try:
-                await asyncio.to_thread(write_to_textfile, str(path), metrics.REGISTRY)
+                await asyncio.to_thread(write_atomic, path, metrics.exposition())
             except OSError as e:
                 log.warning("metrics.textfile_failed", path=str(path), error=e.strerror)
 
         await self._every(lambda: 15.0, job)
 
     async def _start_servers(self) -> None:
-        """The control socket beside the FIFO; the Prometheus listener if configured (the
-        library's own HTTP server, in a thread; its gauges are read when scraped)."""
+        """The control socket beside the FIFO; the Prometheus listener if configured (its
+        gauges are read when scraped)."""
         metrics.QUEUE_DEPTH.set_function(self.queue.qsize)
         metrics.PENDING_PATHS.set_function(lambda: len(self.backlog))
         metrics.IN_FLIGHT.set_function(lambda: len(self.busy))
@@ -88,17 +102,13 @@ class Control(State):
         control.unlink(missing_ok=True)
         self._servers = [await asyncio.start_unix_server(self._control, path=str(control))]
         os.chmod(control, 0o660)
-        self._http = None
         if self.cfg.metrics.listen:
             host, _, port = self.cfg.metrics.listen.rpartition(":")
-            self._http, _ = start_http_server(int(port), host or "127.0.0.1", registry=metrics.REGISTRY)
+            self._servers.append(await asyncio.start_server(self._metrics_http, host or "127.0.0.1", int(port)))
 
-    async def _stop_servers(self) -> None:
+    def _stop_servers(self) -> None:
         for server in self._servers:
             server.close()
-        if self._http is not None:
-            await asyncio.to_thread(self._http.shutdown)
-            self._http.server_close()
 
     async def _watchdog_loop(self, period: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop hangs, systemd restarts us."""

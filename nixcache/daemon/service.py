@@ -96,7 +96,7 @@ class Service(Intake, Workers, Schedule, Control):
         log.info("service.ready", fifo=str(self.cfg.fifo), bucket=self.cfg.s3.bucket,
                  workers=self.cfg.upload.workers, pending=len(self.backlog))  # fmt: skip
         await self.stopping.wait()
-        await self._stop_servers()
+        self._stop_servers()
         watcher.close()
         await self._drain(loops)
         return 0

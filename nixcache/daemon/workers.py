@@ -147,6 +147,7 @@ class Workers(State):
                 self.backlog_changed.set()
                 return
             await self._forget(path)
+        metrics.pushed(result.uploaded, result.nar_bytes, result.file_bytes)
         log.info(
             "push.done",
             path=paths[0],

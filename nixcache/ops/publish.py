@@ -262,12 +262,14 @@ class Publisher:
         with s3.job_requests() as counter:
             remote = await self.list_remote(bucket)
             for key in self.gone(remote, live):
+                if not dry_run:
+                    moved = await bucket.move(key, self.trash + key[len(self.folder) :])
+                    remote.pop(key, None)
+                    if not moved:  # another dereference of this host was first (`nixcache dereference`)
+                        log.info("gcinfo.already_trashed", key=key)
+                        continue
+                    log.info("gcinfo.trashed", key=key)
                 result.moved.append(key)
-                if dry_run:
-                    continue
-                await bucket.move(key, self.trash + key[len(self.folder) :])
-                remote.pop(key, None)
-                log.info("gcinfo.trashed", key=key)
             result.requests = counter
         result.seconds = time.monotonic() - started
         return result
@@ -277,7 +279,8 @@ class Publisher:
         src, dst = (self.folder, self.trash) if to_trash else (self.trash, self.folder)
         moved = []
         for name in names:
-            await bucket.move(src + name, dst + name)
+            if not await bucket.move(src + name, dst + name):
+                raise NixcacheError(f"s3://{bucket.bucket}/{src}{name}: no such gcinfo")
             moved.append(src + name)
         if self.remote is not None:
             self.remote = None  # re-list before the next publish

@@ -116,3 +116,38 @@ def test_status_looks_for_the_socket_inside_a_fifo_written_with_a_trailing_slash
     cfg, _ = load_config(config)  # the full loader accepts it
     daemon_socket = str(cfg.fifo.parent / "control.sock")  # where Service.run listens
     assert statuscmd.control_socket(str(config)) == daemon_socket
+
+
+# ---- 3. two dereferences of one host at once (the daemon's and `nixcache dereference`) -----------------
+
+
+def test_a_dereference_that_finds_its_gcinfo_already_trashed_by_another_succeeds(
+    tmp_path: Path, bucket: Bucket, signing_key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's dereference cycle and a `nixcache dereference` run by hand both list the
+    host's folder, both find the gone root's gcinfo, and the daemon moves it first: the hand-run
+    one's copy then finds no source. It failed with "NoSuchKey (HTTP 404)" and exit 1 although
+    what it was asked for was done (seen in tests/integration/test_multiuser.py, 1 run in ~10).
+    The gcinfo is in the trash once; the second dereference says it moved nothing."""
+    from nixcache.ops.publish import Publisher
+
+    host = Host(tmp_path, bucket, signing_key[0], "alpha")
+    path = add_text(tmp_path, "raced")
+    host.root("app", path)
+    host.run("publish")
+    host.unroot("app")
+    real_list = Publisher.list_remote
+
+    async def listed_then_overtaken(self: Publisher, s3: S3, claim: bool = True) -> dict[str, str]:
+        remote = await real_list(self, s3, claim=claim)
+        monkeypatch.setattr(Publisher, "list_remote", real_list)
+        host.run("dereference")  # the other dereference, between this one's LIST and its move
+        return remote
+
+    monkeypatch.setattr(Publisher, "list_remote", listed_then_overtaken)
+    from nixcache.ops import roots as ops
+
+    result = run(ops.dereference(load_config(host.config)[0], False))
+    assert result.moved == [], "this dereference moved nothing: the other one had"
+    assert bucket.keys(layout.TRASH_PREFIX) == [layout.trash_folder("alpha") + layout.gcinfo_name(path)]
+    assert bucket.gcinfos(layout.roots_folder("alpha")) == []

@@ -14,6 +14,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nixcache"
 FLOOR = {"errors", "defaults", "configfile", "logs", "progress", "metrics", "status", "__init__"}
+ENTRY_POINTS = {"hook"}
+"""Top-level modules that are entry points, at the command line's rank (nixcache/hook.py: where
+hook scripts written before the packages still point)."""
 RANK = {"floor": 0, "formats": 1, "config": 2, "local": 3, "bucket": 3, "ops": 4, "daemon": 5, "cli": 6}
 MAX_LINES = 400
 
@@ -25,6 +28,8 @@ def layer(module: str) -> str:
         return "floor"
     if parts[1] in RANK:
         return parts[1]
+    if parts[1] in ENTRY_POINTS:
+        return "cli"
     assert parts[1] in FLOOR, f"{module}: a top-level module outside the floor; put it in a package or the floor list"
     return "floor"
 
