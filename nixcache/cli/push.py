@@ -37,7 +37,8 @@ async def _push(cfg: Config, roots: list[str], bar: Progress) -> PushResult:
         done["bytes"] += file_bytes
         bar(f"uploaded {done['paths']} paths, {done['bytes'] / 1e6:.1f} MB")
 
+    key = load_signing_key(cfg)  # a missing key is said before the bucket is opened, as always
     async with S3(cfg.s3) as s3:
-        uploader = Uploader(cfg, s3, load_signing_key(cfg))
+        uploader = Uploader(cfg, s3, key)
         uploader.on_progress = progress
         return await uploader.push(roots)

@@ -15,7 +15,9 @@ import pytest
 
 from nixcache.config import load_config
 from nixcache.daemon import embedded
-from tests.harness import Bucket, base_settings, run_cli, wait_until, write_config
+from tests.harness import Bucket, base_settings, nix_build, run_cli, wait_until, write_config
+
+Key = tuple[Path, str]
 
 
 def test_every_command_on_an_empty_bucket_says_there_was_nothing(
@@ -87,3 +89,21 @@ def test_serve_embedded_prints_how_to_use_it_and_stops_on_sigterm(tmp_path: Path
     s3_port = json.loads((state / "seaweedfs-ports.json").read_text())["s3"]
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):  # `serve` stopped SeaweedFS too
         s.connect(("127.0.0.1", s3_port))
+
+
+def test_push_reports_the_missing_signing_key_before_opening_the_bucket(
+    tmp_path: Path, bucket: Bucket, signing_key: Key
+) -> None:
+    """`nixcache push` loads the signing key before it opens the S3 client: with two mistakes
+    in the config (the key file missing, an AWS profile that does not exist) the user is told
+    about the key, as before the `cli/` package (exit 1)."""
+    settings = base_settings(tmp_path, bucket, tmp_path / "no-such.key")
+    settings["s3"]["profile"] = "no-such-profile"
+    config = write_config(tmp_path / "config.toml", settings)
+    path = nix_build(tmp_path)[-1]
+    pushed = run_cli(config, "push", path)
+    assert pushed.returncode == 1, pushed.stdout + pushed.stderr
+    assert pushed.stdout == ""
+    assert pushed.stderr.startswith(f"nixcache: signing key file {tmp_path / 'no-such.key'} does not exist"), (
+        pushed.stderr
+    )

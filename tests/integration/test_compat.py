@@ -6,6 +6,7 @@ pyproject.toml and against what imports."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -82,3 +83,35 @@ def test_the_nix_package_has_every_runtime_dependency_pyproject_declares() -> No
     assert found is not None
     packaged = {name.lower().replace("_", "-") for name in found.group(1).split()}
     assert wanted <= packaged, f"missing from nix/package.nix: {sorted(wanted - packaged)}"
+
+
+def test_the_nixcache_hook_console_script_of_an_earlier_install_still_runs_the_hook(tmp_path: Path) -> None:
+    """`nixcache-hook` (README: "the post-build hook") is a console script; before issue 12
+    pyproject.toml declared it as `nixcache.hook:main`, so pip wrote a script that does
+    `from nixcache.hook import main`. The README's way in is `pip install -e`: an editable
+    install keeps that script through a `git pull` (the code changes, bin/ does not). If
+    nixcache/hook.py had no `main`, the script would die with ImportError (exit 1) and Nix
+    would fail every build whose post-build hook it is: the hook must never fail a build."""
+    script = tmp_path / "nixcache-hook"
+    script.write_text(  # byte for byte what pip writes for `nixcache-hook = "nixcache.hook:main"`
+        f"#!{sys.executable}\n# -*- coding: utf-8 -*-\nimport re\nimport sys\nfrom nixcache.hook import main\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        "    sys.exit(main())\n"
+    )
+    script.chmod(0o755)
+    spool_dir = tmp_path / "spool"
+    expr = tmp_path / "one.nix"
+    expr.write_text(
+        f'derivation {{ name = "review12b-{uuid.uuid4().hex[:12]}"; system = builtins.currentSystem;'
+        ' builder = "/bin/sh"; args = [ "-c" "echo hi > $out" ]; }'
+    )
+    env = {**os.environ, "NIXCACHE_FIFO": str(tmp_path / "no.fifo"), "NIXCACHE_SPOOL": str(spool_dir)}
+    built = subprocess.run(
+        ["nix-build", str(expr), "--no-out-link", "--option", "substituters", "",
+         "--option", "post-build-hook", str(script)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert built.returncode == 0, f"the build failed because of the hook:\n{built.stderr[-800:]}"
+    spooled = "".join(p.read_text() for p in spool_dir.glob("*.paths"))
+    assert built.stdout.strip() in spooled, "the built path was not handed to the daemon"
