@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict
 
 from nixcache import configfile, defaults
 from nixcache.errors import NixcacheError
@@ -78,7 +77,7 @@ def render(status: Status) -> str:
 def show(config: str | os.PathLike[str] | None, as_json: bool) -> str:
     """The daemon's answer, checked against the one schema: as JSON, or for a person."""
     status = Status.from_json(query(control_socket(config)))
-    return json.dumps(asdict(status), indent=2) if as_json else render(status)
+    return json.dumps(status.as_dict(), indent=2) if as_json else render(status)
 
 
 def status(args: argparse.Namespace) -> int:
