@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,7 @@ def test_status_renders_the_reply_from_the_schema(
     assert cli.main(["status", "--json", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert out == json.dumps(json.loads(status.to_json()), indent=2) + "\n"
-    assert json.loads(out) == asdict(status)
+    assert json.loads(out) == status.as_dict()
 
 
 def test_status_of_a_quiet_daemon(daemon: tuple[Path, list[bytes]], capsys: pytest.CaptureFixture[str]) -> None:
