@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from nixcache import configfile, defaults
 from nixcache.errors import ConfigError, SigningError
@@ -116,6 +117,35 @@ class MetricsConfig(_Section):
     """A file rewritten every 15 s for node_exporter's textfile collector, unset for none."""
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class SubstituterConfig(_Section):
+    """Serve the bucket to Nix over HTTP from this daemon, with its credentials: for buckets
+    nobody may read anonymously (docs/nixos.md, private buckets)."""
+
+    listen: str | None = Field(default=None, pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+    """``HOST:PORT`` to serve on (e.g. ``127.0.0.1:37515``), unset for none."""
+    netrc_file: Path | None = None
+    """Who may read, in netrc format (``machine … login … password …``: the file a Nix client
+    uses as its ``netrc-file``). Required unless ``listen`` is loopback."""
+    negative_ttl: Duration = 60.0
+    """How long a missing narinfo is answered 404 without asking the bucket again."""
+
+    @model_validator(mode="after")
+    def _lan_needs_credentials(self) -> SubstituterConfig:
+        if self.listen and self.netrc_file is None and not _is_loopback(self.listen.rpartition(":")[0]):
+            raise ValueError(
+                f"{self.listen} is not a loopback address: set substituter.netrc_file so only the "
+                "machines you give its credentials can read the bucket"
+            )
+        return self
+
+
 class Config(_Section):
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     store_dir: str = defaults.STORE_DIR
@@ -133,6 +163,7 @@ class Config(_Section):
     roots: RootsConfig = RootsConfig()
     gc: GcConfig = GcConfig()
     metrics: MetricsConfig = MetricsConfig()
+    substituter: SubstituterConfig = SubstituterConfig()
 
     def roots_dirs(self) -> list[Path]:
         """Where GC roots are looked for, as Nix's collector does."""

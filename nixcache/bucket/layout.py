@@ -85,3 +85,25 @@ def hash_of_nar_key(key: str) -> str | None:
     name = key[len(NAR_PREFIX) :]
     digest, sep, _ = name.partition(".nar")
     return digest if sep and len(digest) == 52 else None
+
+
+NIX32_CHARS = frozenset("0123456789abcdfghijklmnpqrsvwxyz")
+
+
+def served_key(path: str) -> str | None:
+    """The key a binary-cache client may read at URL path ``path`` (``/nix-cache-info``,
+    ``/<hash>.narinfo``, ``/nar/<hash>.nar[.ext]``); None for anything else: no listing, no
+    ``gcroots/``, ``gctrash/``, ``gc/``, and no path trick (every character is checked)."""
+    if not path.startswith("/"):
+        return None
+    key = path[1:]
+    if key == CACHE_INFO:
+        return key
+    digest = hash_of_narinfo_key(key)
+    if digest is not None:
+        return key if set(digest) <= NIX32_CHARS else None
+    digest = hash_of_nar_key(key)
+    if digest is None or not set(digest) <= NIX32_CHARS:
+        return None
+    extension = key[len(NAR_PREFIX) + len(digest) + len(".nar") :]
+    return key if extension in ("", ".xz", ".zst", ".bz2", ".br", ".lz4", ".gz") else None

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiobotocore.session
 import botocore.utils
@@ -94,6 +94,14 @@ def parse_timestamp(value: str | int | float) -> datetime.datetime:
     except (ValueError, TypeError, IndexError):
         pass
     return botocore.utils.parse_timestamp(value)  # type: ignore[arg-type]  # it takes numbers too
+
+
+class Reading(NamedTuple):
+    """An object being read: see :meth:`S3.reading`."""
+
+    size: int
+    etag: str
+    chunks: AsyncIterator[bytes]
 
 
 class S3:
@@ -192,6 +200,24 @@ class S3:
             async with resp["Body"] as body:
                 return await body.read(), str(resp.get("ETag", ""))
         return None
+
+    @contextlib.asynccontextmanager
+    async def reading(self, key: str) -> AsyncIterator[Reading | None]:
+        """The object as a stream (its size, ETag and chunks), or None when it does not exist:
+        the body is read inside the block, in bounded memory; leaving early drops the connection."""
+        resp = None
+        with self._errors(key, "NoSuchKey", "404"):
+            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
+        if resp is None:
+            yield None
+            return
+        async with resp["Body"] as body:
+            yield Reading(int(resp.get("ContentLength", 0)), str(resp.get("ETag", "")), self._chunks(key, body))
+
+    async def _chunks(self, key: str, body: Any) -> AsyncIterator[bytes]:
+        with self._errors(key):
+            async for chunk in body.iter_chunks(1 << 16):
+                yield chunk
 
     async def put(
         self,

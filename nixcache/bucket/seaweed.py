@@ -57,19 +57,19 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def s3_identities(anonymous_write: bool) -> dict[str, object]:
-    """The ``-s3.config`` document: one admin identity, and anonymous read for Nix clients."""
-    anonymous = ["Read", "List"] + (["Write"] if anonymous_write else [])
-    return {
-        "identities": [
-            {
-                "name": "admin",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            },
-            {"name": "anonymous", "actions": anonymous},
-        ]
-    }
+def s3_identities(anonymous_write: bool, anonymous_read: bool = True) -> dict[str, object]:
+    """The ``-s3.config`` document: one admin identity, and anonymous read for Nix clients
+    (none for a private bucket)."""
+    identities: list[dict[str, object]] = [
+        {
+            "name": "admin",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+    ]
+    if anonymous_read:
+        identities.append({"name": "anonymous", "actions": ["Read", "List"] + (["Write"] if anonymous_write else [])})
+    return {"identities": identities}
 
 
 @dataclass
@@ -78,6 +78,8 @@ class SeaweedFS:
 
     data_dir: Path
     anonymous_write: bool = False
+    anonymous_read: bool = True
+    """False: a private bucket (only the admin identity may read)."""
     metrics: bool = False
     """Expose Prometheus metrics (per-action S3 request counts) on ``ports['metrics']``."""
     ports: dict[str, int] = field(default_factory=dict)
@@ -96,7 +98,7 @@ class SeaweedFS:
             self.ports = dict(zip(("master", "volume", "filer", "s3", "metrics"), free_ports(5), strict=True))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
-        config.write_text(json.dumps(s3_identities(self.anonymous_write)))
+        config.write_text(json.dumps(s3_identities(self.anonymous_write, self.anonymous_read)))
         p = self.ports
         args = [
             weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

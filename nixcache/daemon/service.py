@@ -13,6 +13,7 @@ from nixcache.daemon.bucket import Bucket
 from nixcache.daemon.control import Control
 from nixcache.daemon.intake import Intake
 from nixcache.daemon.schedule import Schedule
+from nixcache.daemon.substituter import Substituter
 from nixcache.daemon.workers import Workers
 from nixcache.errors import NixcacheError
 from nixcache.local import roots
@@ -24,7 +25,7 @@ log = get("nixcache.daemon.service")
 __all__ = ["Bucket", "Service"]
 
 
-class Service(Intake, Workers, Schedule, Control):
+class Service(Intake, Workers, Schedule, Control, Substituter):
     """The daemon: one of each task, over one shared state (daemon/state.py)."""
 
     async def reload(self) -> None:
@@ -40,7 +41,7 @@ class Service(Intake, Workers, Schedule, Control):
         except NixcacheError as e:
             log.error("config.rejected", error=str(e), keeping="previous config")
             return
-        for key in ("state_dir", "fifo", "store_dir"):
+        for key in ("state_dir", "fifo", "store_dir", "substituter"):
             if getattr(cfg, key) != getattr(self.cfg, key):
                 log.warning("config.needs_restart", key=key)
         old, self.bucket = self.bucket, new
@@ -74,6 +75,7 @@ class Service(Intake, Workers, Schedule, Control):
             self.backlog.add(path)
         self._open_fifo()
         await self._start_servers()
+        await self._start_substituter()
         self._spawn_workers()
         refill = asyncio.create_task(self._spool_loop(), name="spool")
         loops_feed = asyncio.create_task(self._feed_loop(), name="feed")
@@ -97,6 +99,7 @@ class Service(Intake, Workers, Schedule, Control):
                  workers=self.cfg.upload.workers, pending=len(self.backlog))  # fmt: skip
         await self.stopping.wait()
         self._stop_servers()
+        await self._stop_substituter()
         watcher.close()
         await self._drain(loops)
         return 0

@@ -1,0 +1,146 @@
+"""The bucket as a Nix binary cache over HTTP, read with this host's credentials: private buckets.
+
+Only what a Nix client reads is served (``nix-cache-info``, narinfos, NARs: see
+``layout.served_key``), with GET and HEAD; nothing else of the bucket (no listing, no
+``gcroots/``, no writes). Objects are streamed, never held whole. A missing narinfo costs one
+request to the bucket, then none for ``negative_ttl``. Off loopback, every request needs the
+login and password of an entry of ``netrc_file`` (what Nix sends from its ``netrc-file``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import netrc
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from aiohttp import web
+
+from nixcache.bucket import layout
+from nixcache.bucket.s3 import S3
+from nixcache.daemon.state import State
+from nixcache.errors import ConfigError, S3Error
+from nixcache.logs import get
+
+log = get("nixcache.daemon.substituter")
+
+MAX_MISSES = 100_000
+"""Misses remembered (the oldest are forgotten first)."""
+STREAMS = 32
+"""Objects read from the bucket at once; more clients wait (slow clients cannot take them all)."""
+
+
+def load_logins(path: Path) -> dict[str, str]:
+    """login → password of every entry of a netrc file."""
+    try:
+        parsed = netrc.netrc(str(path))
+    except (OSError, netrc.NetrcParseError) as e:
+        raise ConfigError(f"substituter.netrc_file: {path}: {e}") from None
+    logins = {login: password for login, _, password in parsed.hosts.values() if login and password}
+    if not logins:
+        raise ConfigError(f"substituter.netrc_file: {path}: no entry with a login and a password")
+    return logins
+
+
+def authorized(header: str | None, logins: dict[str, str]) -> bool:
+    """Is ``Authorization: Basic …`` one of ``logins``? (constant-time on the password)"""
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        login, sep, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = logins.get(login)
+    return bool(sep) and expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+
+
+class Substituter(State):
+    _runner: web.AppRunner | None
+
+    async def _start_substituter(self) -> None:
+        settings = self.cfg.substituter
+        self._runner = None
+        if not settings.listen:
+            return
+        self._logins = load_logins(settings.netrc_file) if settings.netrc_file else None
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        self._streams = asyncio.Semaphore(STREAMS)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        host, _, port = settings.listen.rpartition(":")
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        self._runner = runner
+        log.info("substituter.listening", listen=settings.listen, auth=self._logins is not None)
+
+    async def _stop_substituter(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _missing(self, key: str) -> bool:
+        """Answered missing within ``negative_ttl``."""
+        expires = self._misses.get(key)
+        if expires is None:
+            return False
+        if time.monotonic() < expires:
+            return True
+        del self._misses[key]
+        return False
+
+    def _remember_missing(self, key: str) -> None:
+        self._misses[key] = time.monotonic() + self.cfg.substituter.negative_ttl
+        self._misses.move_to_end(key)
+        while len(self._misses) > MAX_MISSES:
+            self._misses.popitem(last=False)
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        if self._logins is not None and not authorized(request.headers.get("Authorization"), self._logins):
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="nixcache"'})
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, headers={"Allow": "GET, HEAD"})
+        raw = request.raw_path.partition("?")[0]
+        if "%" in raw or "\\" in raw:
+            return web.Response(status=400)  # a Nix client never encodes these names
+        key = layout.served_key(raw)
+        if key is None or self._missing(key):
+            return web.Response(status=404)
+        assert self.bucket is not None
+        try:
+            async with self._streams:
+                with self.bucket.use() as uploader:
+                    if request.method == "HEAD":
+                        head = await uploader.s3.head(key)
+                        if head is None:
+                            self._remember_missing(key)
+                            return web.Response(status=404)
+                        return web.Response(headers={"Content-Length": str(head.get("ContentLength", 0))})
+                    return await self._stream(request, uploader.s3, key)
+        except S3Error as e:
+            log.warning("substituter.failed", key=key, error=str(e))
+            return web.Response(status=502)
+
+    async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
+        async with s3.reading(key) as reading:
+            if reading is None:
+                self._remember_missing(key)
+                return web.Response(status=404)
+            response = web.StreamResponse(headers={"Content-Length": str(reading.size)})
+            response.content_type = _content_type(key)
+            await response.prepare(request)
+            async for chunk in reading.chunks:
+                await response.write(chunk)  # waits for a slow client: memory stays bounded
+            await response.write_eof()
+            return response
+
+
+def _content_type(key: str) -> str:
+    if key.endswith(".narinfo"):
+        return "text/x-nix-narinfo"
+    if key == layout.CACHE_INFO:
+        return "text/x-nix-cache-info"
+    return "application/x-nix-nar"

@@ -1,0 +1,187 @@
+"""A private bucket, substituted through the daemon (`substituter.listen`): real SeaweedFS with
+no anonymous identity, real Nix pushing (the hook) and substituting with signatures required."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nixcache.bucket import layout
+from nixcache.bucket.seaweed import SeaweedFS, free_port
+from tests.harness import (
+    NIX,
+    Bucket,
+    Daemon,
+    base_settings,
+    new_bucket,
+    nix_build,
+    run_cli,
+    wait_until,
+    write_config,
+    write_hook_script,
+)
+
+Key = tuple[Path, str]
+
+
+@pytest.fixture(scope="module")
+def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("private-weed"), anonymous_read=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def nix_copy(
+    url: str, paths: list[str], dest: Path, public_key: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*NIX, "copy", "--from", url, "--to", str(dest), "--option", "require-sigs", "true",
+         "--option", "trusted-public-keys", public_key, *options, *paths],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def status_of(config: Path) -> dict[str, Any]:
+    done = run_cli(config, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def serving(tmp: Path, bucket: Bucket, key: Key, **substituter: object) -> tuple[Daemon, int]:
+    port = free_port()
+    settings = base_settings(tmp, bucket, key[0])
+    settings["substituter"] = {"listen": f"127.0.0.1:{port}", **substituter}
+    daemon = Daemon(write_config(tmp / "config.toml", settings), tmp / "daemon.log").start()
+    return daemon, port
+
+
+def test_a_private_bucket_is_substituted_through_the_daemon_and_not_anonymously(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+
+    direct = nix_copy(bucket.url, [closure[-1]], tmp_path / "store-direct", signing_key[1])
+    assert direct.returncode != 0, "the bucket is readable anonymously: this test would prove nothing"
+
+    proxied = nix_copy(f"http://127.0.0.1:{port}", [closure[-1]], tmp_path / "store-proxied", signing_key[1])
+    assert proxied.returncode == 0, proxied.stderr
+    copied = [tmp_path / "store-proxied" / p.lstrip("/") for p in closure]
+    assert all(p.exists() for p in copied), "every path of the closure substituted"
+
+    status, body = request(port, "GET", "/nix-cache-info")
+    assert status == 200 and b"StoreDir: /nix/store" in body
+    assert request(port, "HEAD", "/" + layout.narinfo_key(closure[0]))[0] == 200
+    assert daemon.alive() and daemon.stop() == 0
+
+
+def test_hostile_requests_are_refused_and_uploads_go_on(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key, negative_ttl=60)
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+    narinfo = "/" + layout.narinfo_key(closure[0])
+    refused = {
+        "/": 404, "/?list-type=2": 404, "/gc.lease": 404, "/gcroots/": 404,
+        f"/{layout.roots_folder('testhost')}.claim": 404, "/gctrash/x.gcinfo.gz": 404, "/gc/records/x.open": 404,
+        "/nar/../" + narinfo[1:]: 404, "/%2e%2e/" + narinfo[1:]: 400, "/nar%2f" + "0" * 52 + ".nar": 400,
+        narinfo + "%00": 400, "/..%5c" + narinfo[1:]: 400, "http://evil.example/" + narinfo[1:]: 404,
+    }  # fmt: skip
+    got = {path: request(port, "GET", path)[0] for path in refused}
+    assert got == refused
+    for method in ("PUT", "DELETE", "POST"):
+        assert request(port, method, narinfo)[0] == 405
+    assert bucket.has_narinfo(closure[0]), "nothing was deleted"
+
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # a 10 MB header
+        try:
+            sock.sendall(
+                b"GET " + narinfo.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (10 << 20) + b"\r\n\r\n"
+            )
+            answer = sock.recv(100)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # refused before it was all sent
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+    assert request(port, "GET", narinfo)[0] == 200, "still serving"
+
+    missing = "/" + "1" * 32 + ".narinfo"
+    gets = status_of(daemon.config)["requests"].get("GetObject", 0)
+    assert [request(port, "GET", missing)[0] for _ in range(20)] == [404] * 20
+    assert status_of(daemon.config)["requests"].get("GetObject", 0) == gets + 1, "one GET, then the negative cache"
+
+    more = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config), out="result2")
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in more), 60, "uploads go on after the hostile requests")
+    assert daemon.alive() and daemon.stop() == 0
+
+
+def test_credentials_are_required_when_configured_and_nix_sends_them_from_its_netrc(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login builder password s3cret-pass\n")
+    netrc.chmod(0o600)
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key, netrc_file=str(netrc))
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+
+    def basic(login: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()}
+
+    assert request(port, "GET", "/nix-cache-info")[0] == 401
+    assert request(port, "GET", "/nix-cache-info", basic("builder", "wrong"))[0] == 401
+    assert request(port, "GET", "/nix-cache-info", basic("nobody", "s3cret-pass"))[0] == 401
+    assert request(port, "GET", "/nix-cache-info", basic("builder", "s3cret-pass"))[0] == 200
+
+    url = f"http://127.0.0.1:{port}"
+    without = nix_copy(url, [closure[-1]], tmp_path / "store-without", signing_key[1])
+    assert without.returncode != 0
+    netrc_option = ("--option", "netrc-file")
+    wrong = tmp_path / "netrc-wrong"
+    wrong.write_text("machine 127.0.0.1 login builder password nope\n")
+    refused = nix_copy(
+        url, [closure[-1]], tmp_path / "store-wrong", signing_key[1], "--option", "netrc-file", str(wrong)
+    )
+    assert refused.returncode != 0
+    ok = nix_copy(url, [closure[-1]], tmp_path / "store-ok", signing_key[1], *netrc_option, str(netrc))
+    assert ok.returncode == 0, ok.stderr
+    assert daemon.stop() == 0
+
+
+def test_a_lan_address_without_credentials_is_refused_at_config_load(
+    tmp_path: Path, bucket: Bucket, signing_key: Key
+) -> None:
+    settings = base_settings(tmp_path, bucket, signing_key[0])
+    settings["substituter"] = {"listen": f"0.0.0.0:{free_port()}"}
+    config = write_config(tmp_path / "config.toml", settings)
+    done = subprocess.run([sys.executable, "-m", "nixcache.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "substituter" in done.stderr and "not a loopback address" in done.stderr, done.stderr
