@@ -10,6 +10,7 @@ python3.pkgs.buildPythonApplication {
   build-system = [ python3.pkgs.setuptools ];
   dependencies = with python3.pkgs; [
     aiobotocore
+    aiohttp
     asyncinotify
     structlog
     pydantic
