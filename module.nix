@@ -37,6 +37,8 @@ let
         grace_period = cfg.gracePeriod;
         residual_age = cfg.residualAge;
       };
+    } // lib.optionalAttrs cfg.substituter.enable {
+      substituter.listen = "127.0.0.1:${toString cfg.substituter.port}";
     })
     cfg.settings;
 
@@ -142,9 +144,24 @@ in
     substituterUrl = mkOption {
       type = types.str;
       default =
-        if cfg.endpoint != null then "${cfg.endpoint}/${toString cfg.bucket}"
+        if cfg.substituter.enable then "http://127.0.0.1:${toString cfg.substituter.port}"
+        else if cfg.endpoint != null then "${cfg.endpoint}/${toString cfg.bucket}"
         else "https://${toString cfg.bucket}.s3.${cfg.region}.amazonaws.com";
-      description = "The URL clients substitute from (the bucket must allow anonymous reads).";
+      description = ''
+        The URL clients substitute from: the bucket itself (it must allow anonymous reads), or
+        the service's own substituter when substituter.enable is set.
+      '';
+    };
+    substituter = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Serve the bucket to this host's Nix from the service, with the service's credentials, on
+          127.0.0.1:port: for a private bucket (no anonymous reads). substituterUrl then points there.
+        '';
+      };
+      port = mkOption { type = types.port; default = 37515; description = "Loopback port of the substituter."; };
     };
 
     settings = mkOption {

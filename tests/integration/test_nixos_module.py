@@ -195,6 +195,21 @@ def test_post_build_hook_and_substituter() -> None:
     assert "post-build-hook" in off
 
 
+def test_a_private_bucket_is_substituted_through_the_service(tmp_path: Path) -> None:
+    result = evaluate("{ services.nixcache = { " + BASE + " substituter = { enable = true; port = 38000; }; }; }")
+    nix = result["nixSettings"]
+    assert nix["substituters"] == ["http://127.0.0.1:38000", "https://cache.nixos.org/"]
+    assert PUBLIC in nix["trusted-public-keys"]
+    settings = rendered_settings(result)
+    assert settings["substituter"] == {"listen": "127.0.0.1:38000"}
+    from nixcache.config import load_config
+    from tests.harness import write_config
+
+    cfg, _ = load_config(write_config(tmp_path / "config.toml", settings))
+    assert cfg.substituter.listen == "127.0.0.1:38000" and cfg.substituter.netrc_file is None
+    assert "substituter" not in rendered_settings(evaluate("{ services.nixcache = { " + BASE + " }; }"))
+
+
 def test_disabled_module_changes_nothing() -> None:
     result = evaluate("{ }")
     assert result["assertions"] == [] and result["service"] is None and result["unit"] is None
