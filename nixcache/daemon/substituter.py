@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 import netrc
+import resource
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -31,7 +32,11 @@ log = get("nixcache.daemon.substituter")
 MAX_MISSES = 100_000
 """Misses remembered (the oldest are forgotten first)."""
 STREAMS = 32
-"""Objects read from the bucket at once; more clients wait (slow clients cannot take them all)."""
+"""Objects read from the bucket at once: half the S3 client's connection pool, so clients can
+never take the connections uploads need. Others wait up to SLOT_WAIT, then get 503."""
+SLOT_WAIT = 30.0
+STALL = 60.0
+"""A client that accepts no data for this long is dropped (its stream slot is freed)."""
 
 
 def load_logins(path: Path) -> dict[str, str]:
@@ -67,6 +72,7 @@ class Substituter(State):
         if not settings.listen:
             return
         self._logins = load_logins(settings.netrc_file) if settings.netrc_file else None
+        _raise_open_files()
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._streams = asyncio.Semaphore(STREAMS)
         app = web.Application()
@@ -111,18 +117,24 @@ class Substituter(State):
             return web.Response(status=404)
         assert self.bucket is not None
         try:
-            async with self._streams:
-                with self.bucket.use() as uploader:
-                    if request.method == "HEAD":
-                        head = await uploader.s3.head(key)
-                        if head is None:
-                            self._remember_missing(key)
-                            return web.Response(status=404)
-                        return web.Response(headers={"Content-Length": str(head.get("ContentLength", 0))})
-                    return await self._stream(request, uploader.s3, key)
+            async with asyncio.timeout(SLOT_WAIT):
+                await self._streams.acquire()
+        except TimeoutError:
+            return web.Response(status=503, headers={"Retry-After": "10"})
+        try:
+            with self.bucket.use() as uploader:
+                if request.method == "HEAD":
+                    head = await uploader.s3.head(key)
+                    if head is None:
+                        self._remember_missing(key)
+                        return web.Response(status=404)
+                    return web.Response(headers={"Content-Length": str(head.get("ContentLength", 0))})
+                return await self._stream(request, uploader.s3, key)
         except S3Error as e:
             log.warning("substituter.failed", key=key, error=str(e))
             return web.Response(status=502)
+        finally:
+            self._streams.release()
 
     async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
         async with s3.reading(key) as reading:
@@ -133,9 +145,19 @@ class Substituter(State):
             response.content_type = _content_type(key)
             await response.prepare(request)
             async for chunk in reading.chunks:
-                await response.write(chunk)  # waits for a slow client: memory stays bounded
+                # Waits for a slow client (memory stays bounded), but not for ever.
+                await asyncio.wait_for(response.write(chunk), STALL)
             await response.write_eof()
             return response
+
+
+def _raise_open_files(most: int = 65536) -> None:
+    """Every client is a socket: lift systemd's default soft limit (1024) to the hard one, so
+    many clients cannot leave no descriptor for the journal, the store or the bucket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = most if hard == resource.RLIM_INFINITY else min(hard, most)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _content_type(key: str) -> str:

@@ -43,6 +43,14 @@ def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
         server.stop()
 
 
+@pytest.fixture(params=["seaweedfs", "moto"])
+def private_bucket(request: pytest.FixtureRequest) -> Bucket:
+    """A bucket nobody may read anonymously: SeaweedFS with no anonymous identity, and moto (AWS:
+    objects are private unless a bucket policy says otherwise)."""
+    server = request.getfixturevalue("private_server" if request.param == "seaweedfs" else "moto")
+    return new_bucket(server.endpoint)
+
+
 def nix_copy(
     url: str, paths: list[str], dest: Path, public_key: str, *options: str
 ) -> subprocess.CompletedProcess[str]:
@@ -78,9 +86,9 @@ def serving(tmp: Path, bucket: Bucket, key: Key, **substituter: object) -> tuple
 
 
 def test_a_private_bucket_is_substituted_through_the_daemon_and_not_anonymously(
-    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+    tmp_path: Path, private_bucket: Bucket, signing_key: Key
 ) -> None:
-    bucket = new_bucket(private_server.endpoint)
+    bucket = private_bucket
     daemon, port = serving(tmp_path, bucket, signing_key)
     closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
     wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
@@ -185,3 +193,48 @@ def test_a_lan_address_without_credentials_is_refused_at_config_load(
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1
     assert "substituter" in done.stderr and "not a loopback address" in done.stderr, done.stderr
+
+
+def test_a_thousand_slow_clients_neither_stop_uploads_nor_other_clients(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """1,000 connections that never finish their request, and 20 that read a NAR and then stop
+    reading: the daemon keeps pushing what the hook hands it (clients hold at most half the S3
+    connection pool), answers another client, and its memory stays bounded."""
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    first = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config), size=4 << 20)
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in first), 60, "the closure pushed")
+    nar_url = next(
+        line.split(": ", 1)[1]
+        for line in request(port, "GET", "/" + layout.narinfo_key(first[0]))[1].decode().splitlines()
+        if line.startswith("URL: ")
+    )
+    assert daemon.process is not None
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")  # and never the end of it
+            slow.append(sock)
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /{nar_url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(1)
+            slow.append(sock)
+        more = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config), out="result2")
+        wait_until(lambda: all(bucket.has_narinfo(p) for p in more), 60, "uploads go on beside 1,020 slow clients")
+        assert request(port, "GET", "/nix-cache-info")[0] == 200, "another client is answered"
+        rss_kb = int(
+            next(
+                ln
+                for ln in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines()
+                if ln.startswith("VmRSS")
+            ).split()[1]
+        )
+        assert rss_kb < 300_000, f"daemon RSS {rss_kb} kB with 1,050 slow clients"
+    finally:
+        for sock in slow:
+            sock.close()
+    assert daemon.alive() and daemon.stop() == 0
