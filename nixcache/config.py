@@ -135,6 +135,8 @@ class SubstituterConfig(_Section):
     uses as its ``netrc-file``). Required unless ``listen`` is loopback."""
     negative_ttl: Duration = 60.0
     """How long a missing narinfo is answered 404 without asking the bucket again."""
+    narinfo_cache: bool = True
+    """Keep served narinfos in ``state_dir/substituter/`` (evicted as collections delete)."""
 
     @model_validator(mode="after")
     def _lan_needs_credentials(self) -> SubstituterConfig:

@@ -21,7 +21,7 @@ import json
 import secrets
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +155,9 @@ class Tracker:
         """(record id, hash part or NAR key) found present after that record was done."""
         self.forget_all = False
         """an unreadable record was learnt: it may have deleted anything this host cached."""
+        self.listeners: list[Callable[[Iterable[str], bool], None]] = []
+        """Told of every deletion learnt (hash parts; True: it may have deleted anything): other
+        caches of this bucket's contents (the substituter's narinfos)."""
         self.epoch = 0
         """bumped whenever a record is learnt: a presence answer obtained across a bump is not
         cached (the record may have been learnt, and evicted, while the answer was on its way)."""
@@ -225,6 +228,7 @@ class Tracker:
         self.epoch += 1
         self.doubtful |= record.paths
         self.forget_all |= record.everything
+        self._tell(record.paths, record.everything)
         if done:
             self.done[record.id] = record
             self.deleted |= record.paths
@@ -307,12 +311,18 @@ class Tracker:
         self.done, self.open, self.verified = dict(old.done), dict(old.open), set(old.verified)
         self.deleted, self.doubtful = set(old.deleted), set(old.doubtful)
         self.forget_all, self.epoch, self.last_listed = old.forget_all, old.epoch, old.last_listed
+        self.listeners = list(old.listeners)
 
     def learn(self, paths: set[str]) -> None:
         """This process deleted ``paths`` itself (its own collection)."""
         self.epoch += 1
         self.deleted |= paths
         self.doubtful |= paths
+        self._tell(paths, False)
+
+    def _tell(self, paths: Iterable[str], everything: bool) -> None:
+        for listener in self.listeners:
+            listener(paths, everything)
 
     def take_deleted(self) -> set[str]:
         out, self.deleted = self.deleted, set()

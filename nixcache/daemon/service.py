@@ -55,6 +55,7 @@ class Service(Intake, Workers, Schedule, Control, Substituter):
                 self.resume_at, self.outage, self.outage_failures = 0.0, None, 0
                 self.backlog_changed.set()
                 log.info("bucket.changed", bucket=cfg.s3.bucket, endpoint=cfg.s3.endpoint)
+                self._follow(new)  # the substituter's narinfo cache: the new bucket's
             self._background_task(old.close())
         if cfg.hostname != self.cfg.hostname:
             self.publisher = Publisher(cfg)  # another folder in the bucket: listed (and claimed) afresh

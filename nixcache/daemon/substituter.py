@@ -12,19 +12,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import netrc
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
 from nixcache.bucket import layout
 from nixcache.bucket.s3 import S3
+from nixcache.daemon.bucket import Bucket
 from nixcache.daemon.state import State
 from nixcache.errors import ConfigError, S3Error
+from nixcache.local.narinfo_cache import NarinfoCache
 from nixcache.logs import get
 
 log = get("nixcache.daemon.substituter")
@@ -64,7 +68,9 @@ def authorized(header: str | None, logins: dict[str, str]) -> bool:
 
 
 class Substituter(State):
-    _runner: web.AppRunner | None
+    _runner: web.AppRunner | None = None
+    _cache: NarinfoCache | None = None
+    _cached_target: tuple[str | None, str, str] | None = None
 
     async def _start_substituter(self) -> None:
         settings = self.cfg.substituter
@@ -82,7 +88,30 @@ class Substituter(State):
         host, _, port = settings.listen.rpartition(":")
         await web.TCPSite(runner, host.strip("[]"), int(port)).start()
         self._runner = runner
+        if self.bucket is not None:
+            self._follow(self.bucket)
         log.info("substituter.listening", listen=settings.listen, auth=self._logins is not None)
+
+    def _follow(self, bucket: Bucket) -> None:
+        """Cache narinfos of ``bucket`` (a reload may change it), evicting what its collections
+        delete: the deletion records this daemon learns are told to the cache."""
+        if self._runner is None or not self.cfg.substituter.narinfo_cache or bucket.uploader is None:
+            return
+        if bucket.target != self._cached_target:
+            digest = hashlib.sha256(repr(bucket.target).encode()).hexdigest()[:16]
+            self._cache = NarinfoCache(self.cfg.state_dir / "substituter" / digest)
+            self._cache.clear()  # written before this process learnt the records: not trusted
+            self._cached_target = bucket.target
+        cache = self._cache
+        assert cache is not None
+
+        def evict(paths: Iterable[str], everything: bool) -> None:
+            if everything:
+                cache.clear()
+            else:
+                cache.forget(paths)
+
+        bucket.uploader.records.listeners.append(evict)  # a reload to the same bucket adopts it
 
     async def _stop_substituter(self) -> None:
         if self._runner is not None:
@@ -116,6 +145,9 @@ class Substituter(State):
         if key is None or self._missing(key):
             return web.Response(status=404)
         assert self.bucket is not None
+        digest = layout.hash_of_narinfo_key(key)
+        if digest is not None and self._cache is not None:
+            return await self._narinfo(request, digest, key)
         try:
             async with asyncio.timeout(SLOT_WAIT):
                 await self._streams.acquire()
@@ -135,6 +167,31 @@ class Substituter(State):
             return web.Response(status=502)
         finally:
             self._streams.release()
+
+    async def _narinfo(self, request: web.Request, digest: str, key: str) -> web.StreamResponse:
+        """A narinfo, from the cache, else one GET (then cached unless a deletion was learnt
+        while it was on its way)."""
+        assert self.bucket is not None and self._cache is not None
+        with self.bucket.use() as uploader:
+            records = uploader.records
+            if records.stale:  # may have missed deletions: nothing cached is trusted
+                self._cache.clear()
+            data = self._cache.get(digest)
+            if data is None:
+                epoch = records.epoch
+                try:
+                    data = await uploader.s3.get(key)
+                except S3Error as e:
+                    log.warning("substituter.failed", key=key, error=str(e))
+                    return web.Response(status=502)
+                if data is None:
+                    self._remember_missing(key)
+                    return web.Response(status=404)
+                if records.epoch == epoch and self.bucket.target == self._cached_target:
+                    self._cache.put(digest, data)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(data))})
+        return web.Response(body=data, content_type="text/x-nix-narinfo")
 
     async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
         async with s3.reading(key) as reading:

@@ -3,9 +3,11 @@ no anonymous identity, real Nix pushing (the hook) and substituting with signatu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -238,3 +240,67 @@ def test_a_thousand_slow_clients_neither_stop_uploads_nor_other_clients(
         for sock in slow:
             sock.close()
     assert daemon.alive() and daemon.stop() == 0
+
+
+def test_a_second_substitution_reads_no_narinfo_from_the_bucket(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """Two clients (fresh stores, fresh Nix caches) substitute the same closure: the second one's
+    narinfos come from the daemon's disk cache; the bucket is asked for nix-cache-info and the
+    NARs only."""
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+    url = f"http://127.0.0.1:{port}"
+
+    def substitute(n: int) -> int:
+        """GetObject requests the daemon made for one client's substitution."""
+        before = status_of(daemon.config)["requests"].get("GetObject", 0)
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"client-cache-{n}")}
+        done = subprocess.run(
+            [*NIX, "copy", "--from", url, "--to", str(tmp_path / f"store-{n}"), "--option", "require-sigs", "true",
+             "--option", "trusted-public-keys", signing_key[1], closure[-1]],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return int(status_of(daemon.config)["requests"].get("GetObject", 0)) - before
+
+    first = substitute(1)
+    second = substitute(2)
+    nars = len(closure)
+    assert first >= nars + len(closure), f"first: {first} GETs (narinfos, NARs, nix-cache-info)"
+    assert second == nars + 1, f"second: {second} GETs, expected {nars} NARs + nix-cache-info"
+    assert daemon.stop() == 0
+
+
+def test_the_narinfo_cache_forgets_what_collections_delete(tmp_path: Path, bucket: Bucket, signing_key: Key) -> None:
+    """A deletion learnt (another host's record, or this daemon's own collection) evicts the
+    narinfo; a record that may have deleted anything empties the cache."""
+    from nixcache.config import load_config
+    from nixcache.daemon.bucket import Bucket as ServiceBucket
+    from nixcache.daemon.service import Service
+
+    settings = base_settings(tmp_path, bucket, signing_key[0])
+    settings["substituter"] = {"listen": f"127.0.0.1:{free_port()}"}
+    cfg, cfg_file = load_config(write_config(tmp_path / "config.toml", settings))
+
+    async def go() -> None:
+        svc = Service(cfg, cfg_file)
+        svc.bucket = await ServiceBucket(cfg).open()
+        await svc._start_substituter()
+        try:
+            cache, records = svc._cache, svc.bucket.uploader.records  # type: ignore[union-attr]
+            assert cache is not None
+            text = b"StorePath: /nix/store/x\n"
+            cache.put("a" * 32, text)
+            cache.put("b" * 32, text)
+            records.learn({"a" * 32})  # this daemon's own collection
+            assert cache.get("a" * 32) is None and cache.get("b" * 32) == text
+            records._tell((), everything=True)  # an unreadable record
+            assert cache.get("b" * 32) is None
+        finally:
+            await svc._stop_substituter()
+            await svc.bucket.close()
+
+    asyncio.run(go())

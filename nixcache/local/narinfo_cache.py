@@ -1,0 +1,61 @@
+"""narinfos the substituter served, kept on disk: a LAN of machines or repeated rebuilds ask the
+bucket once per path, not once per client and build.
+
+A narinfo does not change while it exists; it goes when a collection deletes its path. The
+daemon evicts every deletion it learns (the bucket's deletion records, each dereference
+interval and each push; its own collections at once), and everything when it may have missed
+records. Bounded (the oldest written go first) and safe to delete at any time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+MAX_ENTRIES = 200_000
+"""About 300 MB of narinfos at the most."""
+
+
+class NarinfoCache:
+    def __init__(self, directory: Path, max_entries: int = MAX_ENTRIES) -> None:
+        self.directory = directory
+        self.max_entries = max_entries
+        directory.mkdir(parents=True, exist_ok=True)
+        self._count = sum(1 for _ in os.scandir(directory))
+
+    def _path(self, hash_part: str) -> Path:
+        return self.directory / f"{hash_part}.narinfo"  # hash parts are nix32 (layout.served_key)
+
+    def get(self, hash_part: str) -> bytes | None:
+        try:
+            data = self._path(hash_part).read_bytes()
+        except OSError:
+            return None
+        return data if data.startswith(b"StorePath: ") and data.endswith(b"\n") else None
+
+    def put(self, hash_part: str, data: bytes) -> None:
+        """Not fsynced: a cache. A file a crash left empty or cut is not served (``get``)."""
+        path = self._path(hash_part)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self._count += 1
+        if self._count > self.max_entries:
+            self._trim()
+
+    def forget(self, hash_parts: Iterable[str]) -> None:
+        for digest in hash_parts:
+            self._path(digest).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for entry in os.scandir(self.directory):
+            os.unlink(entry.path)
+        self._count = 0
+
+    def _trim(self) -> None:
+        """Drop the oldest tenth."""
+        entries = sorted(os.scandir(self.directory), key=lambda e: e.stat().st_mtime)
+        for entry in entries[: max(1, len(entries) // 10)]:
+            os.unlink(entry.path)
+        self._count = sum(1 for _ in os.scandir(self.directory))
