@@ -80,6 +80,7 @@ class Substituter(State):
         self._logins = load_logins(settings.netrc_file) if settings.netrc_file else None
         _raise_open_files()
         self._misses: OrderedDict[str, float] = OrderedDict()
+        self._named_by: dict[str, str] = {}
         self._streams = asyncio.Semaphore(STREAMS)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve)
@@ -189,14 +190,29 @@ class Substituter(State):
                     return web.Response(status=404)
                 if records.epoch == epoch and self.bucket.target == self._cached_target:
                     self._cache.put(digest, data)
+            self._remember_nar(data, digest)
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(data))})
         return web.Response(body=data, content_type="text/x-nix-narinfo")
+
+    def _remember_nar(self, narinfo: bytes, digest: str) -> None:
+        """Which narinfo named this NAR: if the NAR turns out missing (deleted by a collection
+        this daemon has not learnt of yet), that narinfo leaves the cache at once."""
+        for line in narinfo.splitlines():
+            if line.startswith(b"URL: "):
+                self._named_by[line[5:].decode(errors="replace").strip()] = digest
+                while len(self._named_by) > MAX_MISSES:
+                    self._named_by.pop(next(iter(self._named_by)))
+                return
 
     async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
         async with s3.reading(key) as reading:
             if reading is None:
                 self._remember_missing(key)
+                digest = self._named_by.pop(key, None)
+                if digest is not None and self._cache is not None:
+                    self._cache.forget([digest])
+                    self._remember_missing(f"{digest}.narinfo")
                 return web.Response(status=404)
             response = web.StreamResponse(headers={"Content-Length": str(reading.size)})
             response.content_type = _content_type(key)

@@ -304,3 +304,24 @@ def test_the_narinfo_cache_forgets_what_collections_delete(tmp_path: Path, bucke
             await svc.bucket.close()
 
     asyncio.run(go())
+
+
+def test_a_narinfo_whose_nar_is_gone_leaves_the_cache_at_once(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """Another host's collection deleted a path this daemon has not learnt of yet: the cached
+    narinfo is served once more, its NAR is missing, and from then on the narinfo is 404."""
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+    narinfo = "/" + layout.narinfo_key(closure[0])
+    status, body = request(port, "GET", narinfo)
+    assert status == 200
+    nar = next(line.split(": ", 1)[1] for line in body.decode().splitlines() if line.startswith("URL: "))
+    for key in (narinfo[1:], nar):  # the collection's ordered deletes: narinfo, then NAR
+        bucket.client.delete_object(Bucket=bucket.name, Key=key)
+    assert request(port, "GET", narinfo)[0] == 200, "served from the cache: the deletion is not learnt yet"
+    assert request(port, "GET", "/" + nar)[0] == 404
+    assert request(port, "GET", narinfo)[0] == 404, "the narinfo left the cache with its NAR"
+    assert daemon.stop() == 0
