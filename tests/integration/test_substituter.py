@@ -213,6 +213,8 @@ def test_a_thousand_slow_clients_neither_stop_uploads_nor_other_clients(
         if line.startswith("URL: ")
     )
     assert daemon.process is not None
+    fds = Path(f"/proc/{daemon.process.pid}/fd")
+    fds_before = len(list(fds.iterdir()))
     slow: list[socket.socket] = []
     try:
         for _ in range(1000):
@@ -239,6 +241,7 @@ def test_a_thousand_slow_clients_neither_stop_uploads_nor_other_clients(
     finally:
         for sock in slow:
             sock.close()
+    wait_until(lambda: len(list(fds.iterdir())) <= fds_before + 10, 90, "the slow clients' sockets closed")
     assert daemon.alive() and daemon.stop() == 0
 
 
