@@ -7,8 +7,9 @@ Builds bench/upload.py's closure (real files of this machine, derivations with r
 pushes it into a SeaweedFS bucket that also allows anonymous reads (so the direct path can be
 measured against the same objects), starts `nixcache serve` with `substituter.listen`, and
 substitutes the closure into fresh stores (fresh Nix caches) alternately through the daemon
-and directly. Reports wall time, the ratio, the daemon's peak RSS (VmHWM) and S3 requests per
-path through the daemon, and the narinfo GETs of a substitution once its narinfo cache is warm.
+and directly; through the daemon twice, its narinfo cache emptied first (cold), then full
+(warm). Reports wall times, the ratios, the daemon's peak RSS (VmHWM), S3 requests per path
+through the daemon, and the narinfo GETs of a substitution once its narinfo cache is warm.
 Writes bench/out/substitute.json and prints a Markdown table.
 """
 
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--paths", type=int, default=220)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nixcache-bench")
+    ap.add_argument("--latency-ms", type=int, default=0,
+                    help="one-way delay added to every bucket request, both paths (a remote bucket)")  # fmt: skip
     args = ap.parse_args()
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,7 @@ def main() -> None:
 
     weed = SeaweedFS(workdir / f"weed-sub-{os.getpid()}")
     weed.start()
-    daemon = None
+    daemon = latency = None
     try:
         bucket = f"substitute-{int(time.time())}"
         admin = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=ACCESS_KEY,
@@ -90,13 +93,20 @@ def main() -> None:
         public = Path(str(key) + ".pub").read_text().strip()
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+        endpoint = weed.endpoint
+        if args.latency_ms:
+            delayed = free_port()
+            latency = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")),
+                                        str(delayed), str(weed.ports["s3"]), str(args.latency_ms)])  # fmt: skip
+            endpoint = f"http://127.0.0.1:{delayed}"
+            time.sleep(1)
         port = free_port()
         state = workdir / "substitute-state"
         shutil.rmtree(state, ignore_errors=True)
         config = workdir / "substitute.toml"
         config.write_text(
             f'state_dir = "{state}"\nfifo = "{state / "run/hook.fifo"}"\ngcroots_dir = "{state / "gcroots"}"\n'
-            f'profiles_dir = ""\n[s3]\nbucket = "{bucket}"\nendpoint = "{weed.endpoint}"\n'
+            f'profiles_dir = ""\n[s3]\nbucket = "{bucket}"\nendpoint = "{endpoint}"\n'
             f'credentials_file = "{creds}"\n[signing]\nsecret_key_file = "{key}"\n'
             f'[gc]\ncollect = false\n[substituter]\nlisten = "127.0.0.1:{port}"\n'
         )
@@ -113,44 +123,60 @@ def main() -> None:
             if time.monotonic() > deadline or daemon.poll() is not None:
                 raise SystemExit("the daemon did not start (see substitute-daemon.log)")
             time.sleep(0.2)
-        proxy_url, direct_url = f"http://127.0.0.1:{port}", f"{weed.endpoint}/{bucket}"
+        proxy_url, direct_url = f"http://127.0.0.1:{port}", f"{endpoint}/{bucket}"
+        cache_dir = state / "substituter"
         rounds = []
         for r in range(args.rounds):
-            times = {}
-            for name in ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]:
+            times, requests = {}, {}
+            # Alternate who goes first; the warm run follows the cold one (its narinfos cached).
+            for name in ["direct", "cold", "warm"] if r % 2 == 0 else ["cold", "warm", "direct"]:
+                if name == "cold":  # the narinfo cache emptied (safe to delete at any time)
+                    for entry in cache_dir.glob("*/*.narinfo"):
+                        entry.unlink()
                 before = daemon_requests(config)
-                url = proxy_url if name == "proxy" else direct_url
                 print(f"round {r + 1}: {name}…", file=sys.stderr)
+                url = direct_url if name == "direct" else proxy_url
                 times[name] = substitute(url, top, workdir / "dest", public, workdir / "client-cache")
-                if name == "proxy":
-                    after = daemon_requests(config)
-                    requests = {op: after.get(op, 0) - before.get(op, 0) for op in after}
-            rounds.append({"direct_s": round(times["direct"], 2), "proxy_s": round(times["proxy"], 2),
-                           "proxy_requests": {k: v for k, v in requests.items() if v}})  # fmt: skip
-        # The first proxied round filled the narinfo cache: GETs beyond nix-cache-info and the NARs.
-        warm_gets = rounds[-1]["proxy_requests"].get("GetObject", 0) - n_paths - 1
+                after = daemon_requests(config)
+                requests[name] = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
+            rounds.append({"direct_s": round(times["direct"], 2), "cold_s": round(times["cold"], 2),
+                           "warm_s": round(times["warm"], 2), "cold_requests": requests["cold"],
+                           "warm_requests": requests["warm"]})  # fmt: skip
+
+        def ratio(kind: str) -> float:
+            return round(statistics.median(r["direct_s"] / r[f"{kind}_s"] for r in rounds), 3)
+
         result = {
             "paths": n_paths, "nar_mb": round(nar_bytes / 1e6), "rounds": rounds,
-            "ratio_direct_over_proxy": round(statistics.median(r["direct_s"] / r["proxy_s"] for r in rounds), 3),
+            "ratio_direct_over_proxy_cold": ratio("cold"), "ratio_direct_over_proxy_warm": ratio("warm"),
             "daemon_peak_rss_mb": round(peak_rss_mb(daemon.pid), 1),
-            "requests_per_path_cold": round(sum(rounds[0]["proxy_requests"].values()) / n_paths, 2),
-            "narinfo_gets_warm": warm_gets,
+            "requests_per_path_cold": round(statistics.median(sum(r["cold_requests"].values()) for r in rounds)
+                                            / n_paths, 2),
+            # GETs beyond nix-cache-info and one NAR per path, with the narinfos cached:
+            "narinfo_gets_warm": max(r["warm_requests"].get("GetObject", 0) - n_paths - 1 for r in rounds),
         }  # fmt: skip
     finally:
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait(30)
+        for process in (daemon, latency):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
         weed.stop()
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "substitute.json").write_text(json.dumps(result, indent=2))
+    result["latency_ms"] = args.latency_ms
+    (out / f"substitute-{args.latency_ms}ms.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"\n| | wall (median of {args.rounds}) |\n|---|---|")
-    print(f"| `nix copy --from` the bucket directly | {statistics.median(r['direct_s'] for r in rounds):.2f} s |")
-    print(f"| `nix copy --from` through the daemon | {statistics.median(r['proxy_s'] for r in rounds):.2f} s |")
-    print(f"ratio (direct/proxy, ≥ 0.8 wanted): {result['ratio_direct_over_proxy']}; daemon peak RSS "
-          f"{result['daemon_peak_rss_mb']} MB; S3 requests per path through the daemon (cold): "
-          f"{result['requests_per_path_cold']}; narinfo GETs with the cache warm: {warm_gets}")  # fmt: skip
+    print(f"\n| {n_paths} paths, {nar_bytes / 1e6:.0f} MB | wall (median of {args.rounds}) | ratio |\n|---|---|---|")
+    print(f"| `nix copy --from` the bucket directly | {statistics.median(r['direct_s'] for r in rounds):.2f} s | 1 |")
+    for kind in ("cold", "warm"):
+        print(
+            f"| through the daemon, narinfo cache {kind} | {statistics.median(r[f'{kind}_s'] for r in rounds):.2f} s "
+            f"| {result[f'ratio_direct_over_proxy_{kind}']} |"
+        )
+    print(
+        f"daemon peak RSS {result['daemon_peak_rss_mb']} MB; S3 requests per path through the daemon (cold): "
+        f"{result['requests_per_path_cold']}; narinfo GETs with the cache warm: {result['narinfo_gets_warm']}"
+    )
 
 
 if __name__ == "__main__":
