@@ -29,7 +29,7 @@ from pathlib import Path
 import boto3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upload import NIX, build_closure  # bench/ is not a package
+from upload import NIX, delayed, prepare  # bench/ is not a package
 
 from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
 
@@ -69,14 +69,7 @@ def main() -> None:
                     help="one-way delay added to every bucket request, both paths (a remote bucket)")  # fmt: skip
     args = ap.parse_args()
     workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
-    print("building the closure…", file=sys.stderr)
-    top = build_closure(workdir, args.size_mb << 20, args.paths)
-    infos = json.loads(subprocess.run([*NIX, "path-info", "--json", "-r", top], check=True,
-                                      capture_output=True, text=True).stdout)  # fmt: skip
-    n_paths, nar_bytes = len(infos), sum(i["narSize"] for i in infos)
-    print(f"closure: {n_paths} paths, {nar_bytes / 1e6:.0f} MB", file=sys.stderr)
+    top, n_paths, nar_bytes = prepare(workdir, args.size_mb, args.paths)
 
     weed = SeaweedFS(workdir / f"weed-sub-{os.getpid()}")
     weed.start()
@@ -93,13 +86,7 @@ def main() -> None:
         public = Path(str(key) + ".pub").read_text().strip()
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
-        endpoint = weed.endpoint
-        if args.latency_ms:
-            delayed = free_port()
-            latency = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")),
-                                        str(delayed), str(weed.ports["s3"]), str(args.latency_ms)])  # fmt: skip
-            endpoint = f"http://127.0.0.1:{delayed}"
-            time.sleep(1)
+        endpoint, latency = delayed(weed, args.latency_ms)
         port = free_port()
         state = workdir / "substitute-state"
         shutil.rmtree(state, ignore_errors=True)

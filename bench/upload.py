@@ -97,6 +97,30 @@ def build_closure(workdir: Path, size: int, n_paths: int) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def prepare(workdir: Path, size_mb: int, n_paths: int) -> tuple[str, int, int]:
+    """The benchmark's closure, built in ``workdir``: (top store path, paths, NAR bytes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
+    print("building the closure…", file=sys.stderr)
+    top = build_closure(workdir, size_mb << 20, n_paths)
+    infos = json.loads(subprocess.run([*NIX, "path-info", "--json", "-r", top], check=True,
+                                      capture_output=True, text=True).stdout)  # fmt: skip
+    paths, nar_bytes = len(infos), sum(i["narSize"] for i in infos)
+    print(f"closure: {paths} paths, {nar_bytes / 1e6:.0f} MB", file=sys.stderr)
+    return top, paths, nar_bytes
+
+
+def delayed(weed: SeaweedFS, latency_ms: int) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The endpoint to use: the server's, or a latency proxy's in front of it (and the proxy)."""
+    if not latency_ms:
+        return weed.endpoint, None
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")),
+                              str(port), str(weed.ports["s3"]), str(latency_ms)])  # fmt: skip
+    time.sleep(1)
+    return f"http://127.0.0.1:{port}", proxy
+
+
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in MB of the process and its waited children, stdout)."""
     started = time.monotonic()
@@ -158,18 +182,11 @@ def main() -> None:
                     help="zstd level for both tools (default: each tool's default, 3 for both)")  # fmt: skip
     args = ap.parse_args()
     workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["NIX_CONFIG"] = "substituters =\nexperimental-features = nix-command\n"
-
-    print("building the closure…", file=sys.stderr)
-    top = build_closure(workdir, args.size_mb << 20, args.paths)
-    infos = json.loads(subprocess.run([*NIX, "path-info", "--json", "-r", top], check=True,
-                                      capture_output=True, text=True).stdout)  # fmt: skip
-    n_paths, nar_bytes = len(infos), sum(i["narSize"] for i in infos)
-    print(f"closure: {n_paths} paths, {nar_bytes / 1e6:.0f} MB", file=sys.stderr)
+    top, n_paths, nar_bytes = prepare(workdir, args.size_mb, args.paths)
 
     weed = SeaweedFS(workdir / f"weed-{os.getpid()}", anonymous_write=True, metrics=True)
     weed.start()
+    proxy = None
     try:
         s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=ACCESS_KEY,
                           aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
@@ -180,13 +197,7 @@ def main() -> None:
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
         config = workdir / "bench.toml"
-        endpoint = weed.endpoint
-        if args.latency_ms:
-            port = free_port()
-            proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_proxy.py")),
-                                      str(port), str(weed.ports["s3"]), str(args.latency_ms)])  # fmt: skip
-            endpoint = f"http://127.0.0.1:{port}"
-            time.sleep(1)
+        endpoint, proxy = delayed(weed, args.latency_ms)
         rounds = []
         for r in range(args.rounds):
             stamp = f"{int(time.time())}-{r}"
@@ -222,7 +233,7 @@ def main() -> None:
                              "bucket_mb": round(bucket_bytes(s3, theirs) / 1e6, 1)},
             })  # fmt: skip
     finally:
-        if args.latency_ms:
+        if proxy is not None:
             proxy.terminate()
         weed.stop()
     hook_median, hook_p95 = hook_latency(workdir, config)
