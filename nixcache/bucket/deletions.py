@@ -322,7 +322,10 @@ class Tracker:
 
     def _tell(self, paths: Iterable[str], everything: bool) -> None:
         for listener in self.listeners:
-            listener(paths, everything)
+            try:
+                listener(paths, everything)
+            except Exception as e:  # a cache's trouble must not stop the records being learnt
+                log.exception("deletions.listener_failed", error=repr(e))
 
     def take_deleted(self) -> set[str]:
         out, self.deleted = self.deleted, set()

@@ -78,12 +78,13 @@ class Substituter(State):
         if not settings.listen:
             return
         self._logins = load_logins(settings.netrc_file) if settings.netrc_file else None
+        self._caching = settings.narinfo_cache  # the [substituter] settings need a restart
         _raise_open_files()
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._named_by: dict[str, str] = {}
         self._streams = asyncio.Semaphore(STREAMS)
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._serve)
+        app.router.add_route("*", "/{tail:.*}", self._serve, expect_handler=self._expect)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         host, _, port = settings.listen.rpartition(":")
@@ -96,7 +97,7 @@ class Substituter(State):
     def _follow(self, bucket: Bucket) -> None:
         """Cache narinfos of ``bucket`` (a reload may change it), evicting what its collections
         delete: the deletion records this daemon learns are told to the cache."""
-        if self._runner is None or not self.cfg.substituter.narinfo_cache or bucket.uploader is None:
+        if self._runner is None or not self._caching or bucket.uploader is None:
             return
         if bucket.target != self._cached_target:
             digest = hashlib.sha256(repr(bucket.target).encode()).hexdigest()[:16]
@@ -134,28 +135,56 @@ class Substituter(State):
         while len(self._misses) > MAX_MISSES:
             self._misses.popitem(last=False)
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 without a valid login (before anything else is answered), 405 for a method a
+        Nix client does not use, 400 for what it never sends (an encoded name, a query)."""
         if self._logins is not None and not authorized(request.headers.get("Authorization"), self._logins):
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="nixcache"'})
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, headers={"Allow": "GET, HEAD"})
-        raw = request.raw_path.partition("?")[0]
-        if "%" in raw or "\\" in raw:
-            return web.Response(status=400)  # a Nix client never encodes these names
-        key = layout.served_key(raw)
+        if any(c in request.raw_path for c in "%\\?#"):
+            return web.Response(status=400)
+        return None
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """``Expect:`` is answered after the login check, and never with 100 Continue (GET and
+        HEAD send no body)."""
+        return self._refused(request)
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        key = layout.served_key(request.raw_path)
         if key is None or self._missing(key):
             return web.Response(status=404)
-        assert self.bucket is not None
+        bucket = self.bucket
+        assert bucket is not None
         digest = layout.hash_of_narinfo_key(key)
-        if digest is not None and self._cache is not None:
-            return await self._narinfo(request, digest, key)
+        cache = self._cache
+        if digest is not None and cache is not None and bucket.uploader is not None:
+            if bucket.uploader.records.stale:  # may have missed deletions: nothing cached is trusted
+                cache.clear()
+            elif (data := cache.get(digest)) is not None:
+                return self._narinfo_response(request, data, digest)
         try:
-            async with asyncio.timeout(SLOT_WAIT):
+            async with asyncio.timeout(SLOT_WAIT):  # every read of the bucket takes a slot
                 await self._streams.acquire()
         except TimeoutError:
             return web.Response(status=503, headers={"Retry-After": "10"})
         try:
-            with self.bucket.use() as uploader:
+            with bucket.use() as uploader:
+                if digest is not None and cache is not None:
+                    epoch = uploader.records.epoch
+                    data = await uploader.s3.get(key)
+                    if data is None:
+                        self._remember_missing(key)
+                        return web.Response(status=404)
+                    # Cached only if nothing changed while it was on its way: no reload (to
+                    # this bucket or another), no deletion learnt.
+                    if self.bucket is bucket and self._cache is cache and uploader.records.epoch == epoch:
+                        cache.put(digest, data)
+                    return self._narinfo_response(request, data, digest)
                 if request.method == "HEAD":
                     head = await uploader.s3.head(key)
                     if head is None:
@@ -169,28 +198,8 @@ class Substituter(State):
         finally:
             self._streams.release()
 
-    async def _narinfo(self, request: web.Request, digest: str, key: str) -> web.StreamResponse:
-        """A narinfo, from the cache, else one GET (then cached unless a deletion was learnt
-        while it was on its way)."""
-        assert self.bucket is not None and self._cache is not None
-        with self.bucket.use() as uploader:
-            records = uploader.records
-            if records.stale:  # may have missed deletions: nothing cached is trusted
-                self._cache.clear()
-            data = self._cache.get(digest)
-            if data is None:
-                epoch = records.epoch
-                try:
-                    data = await uploader.s3.get(key)
-                except S3Error as e:
-                    log.warning("substituter.failed", key=key, error=str(e))
-                    return web.Response(status=502)
-                if data is None:
-                    self._remember_missing(key)
-                    return web.Response(status=404)
-                if records.epoch == epoch and self.bucket.target == self._cached_target:
-                    self._cache.put(digest, data)
-            self._remember_nar(data, digest)
+    def _narinfo_response(self, request: web.Request, data: bytes, digest: str) -> web.Response:
+        self._remember_nar(data, digest)
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(data))})
         return web.Response(body=data, content_type="text/x-nix-narinfo")

@@ -22,7 +22,7 @@ class NarinfoCache:
         self.directory = directory
         self.max_entries = max_entries
         directory.mkdir(parents=True, exist_ok=True)
-        self._count = sum(1 for _ in os.scandir(directory))
+        self._count = len(self._entries())
 
     def _path(self, hash_part: str) -> Path:
         return self.directory / f"{hash_part}.narinfo"  # hash parts are nix32 (layout.served_key)
@@ -35,11 +35,17 @@ class NarinfoCache:
         return data if data.startswith(b"StorePath: ") and data.endswith(b"\n") else None
 
     def put(self, hash_part: str, data: bytes) -> None:
-        """Not fsynced: a cache. A file a crash left empty or cut is not served (``get``)."""
+        """Not fsynced: a cache. A file a crash left empty or cut is not served (``get``).
+        A full disk or a deleted directory only means this narinfo is not kept."""
         path = self._path(hash_part)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return
         self._count += 1
         if self._count > self.max_entries:
             self._trim()
@@ -49,13 +55,25 @@ class NarinfoCache:
             self._path(digest).unlink(missing_ok=True)
 
     def clear(self) -> None:
-        for entry in os.scandir(self.directory):
-            os.unlink(entry.path)
+        self._remove(self._entries())
         self._count = 0
+
+    @staticmethod
+    def _remove(entries: Iterable[os.DirEntry[str]]) -> None:
+        for entry in entries:
+            Path(entry.path).unlink(missing_ok=True)
+
+    def _entries(self) -> list[os.DirEntry[str]]:
+        try:
+            return list(os.scandir(self.directory))
+        except FileNotFoundError:  # deleted by hand: it is a cache
+            return []
 
     def _trim(self) -> None:
         """Drop the oldest tenth."""
-        entries = sorted(os.scandir(self.directory), key=lambda e: e.stat().st_mtime)
-        for entry in entries[: max(1, len(entries) // 10)]:
-            os.unlink(entry.path)
-        self._count = sum(1 for _ in os.scandir(self.directory))
+        try:
+            entries = sorted(self._entries(), key=lambda e: e.stat().st_mtime)
+        except FileNotFoundError:  # one went meanwhile: next time
+            return
+        self._remove(entries[: max(1, len(entries) // 10)])
+        self._count = len(self._entries())

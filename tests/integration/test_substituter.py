@@ -118,7 +118,7 @@ def test_hostile_requests_are_refused_and_uploads_go_on(
     wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
     narinfo = "/" + layout.narinfo_key(closure[0])
     refused = {
-        "/": 404, "/?list-type=2": 404, "/gc.lease": 404, "/gcroots/": 404,
+        "/": 404, "/?list-type=2": 400, "/gc.lease": 404, "/gcroots/": 404,
         f"/{layout.roots_folder('testhost')}.claim": 404, "/gctrash/x.gcinfo.gz": 404, "/gc/records/x.open": 404,
         "/nar/../" + narinfo[1:]: 404, "/%2e%2e/" + narinfo[1:]: 400, "/nar%2f" + "0" * 52 + ".nar": 400,
         narinfo + "%00": 400, "/..%5c" + narinfo[1:]: 400, "http://evil.example/" + narinfo[1:]: 404,

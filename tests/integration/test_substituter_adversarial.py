@@ -1,0 +1,280 @@
+"""The substituter (daemon/substituter.py) against its promises, from an adversarial review (a
+helper session): each test forces one sequence against real SeaweedFS (no anonymous identity),
+the real daemon or the `Service` driven in-process. All failed on the first version: a narinfo
+in flight across a reload cached for the other bucket, or outliving its own collection; the
+cache setting read from a config not yet applied; query strings served; `Expect:` answered
+before the login check."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from nixcache.bucket.s3 import S3
+from nixcache.bucket.seaweed import SeaweedFS, free_port
+from nixcache.config import load_config
+from nixcache.daemon.service import Bucket as ServiceBucket
+from nixcache.daemon.service import Service
+from tests.harness import Bucket, Daemon, base_settings, new_bucket, write_config
+from tests.integration.test_substituter import request
+
+Key = tuple[Path, str]
+H = "a" * 32
+NARINFO = f"{H}.narinfo"
+
+
+@pytest.fixture(scope="module")
+def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("review13-weed"), anonymous_read=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def narinfo_of(tag: str) -> bytes:
+    return f"StorePath: /nix/store/{H}-{tag}\nURL: nar/{'0' * 52}.nar\nCompression: none\n".encode()
+
+
+def settings_for(tmp: Path, bucket: Bucket, key: Key, port: int, **substituter: object) -> dict[str, Any]:
+    settings = base_settings(tmp, bucket, key[0])
+    settings["substituter"] = {"listen": f"127.0.0.1:{port}", **substituter}
+    return settings
+
+
+class Gate:
+    """Holds the daemon's GET of NARINFO from ``bucket`` after the bucket answered it (the
+    answer is on its way back: a slow link), until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, bucket_name: str) -> None:
+        self.fetched = asyncio.Event()
+        self.release = asyncio.Event()
+        real_get = S3.get
+
+        async def get(s3: S3, key: str) -> bytes | None:
+            data = await real_get(s3, key)
+            if key == NARINFO and s3.bucket == bucket_name and not self.release.is_set():
+                self.fetched.set()
+                await self.release.wait()
+            return data
+
+        monkeypatch.setattr(S3, "get", get)
+
+
+async def fetch(session: aiohttp.ClientSession, port: int) -> tuple[int, bytes]:
+    async with session.get(f"http://127.0.0.1:{port}/{NARINFO}") as resp:
+        return resp.status, await resp.read()
+
+
+async def shutdown(svc: Service) -> None:
+    for task in list(svc.workers.values()):
+        task.cancel()
+    await asyncio.gather(*svc.workers.values(), return_exceptions=True)
+    await svc._stop_substituter()
+    if svc.bucket is not None:
+        await svc.bucket.close()
+
+
+# ---- promise 3: a SIGHUP to another bucket while a narinfo GET is on its way -----------------------------
+
+
+def test_a_narinfo_in_flight_across_a_reload_to_another_bucket_is_cached_for_the_new_bucket(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_narinfo` GETs `H.narinfo` from bucket A; before the answer arrives, SIGHUP switches to
+    bucket B (which has no such narinfo): `_follow(new)` replaces `self._cache` and
+    `self._cached_target` with B's. The GET returns; the guard
+    `self.bucket.target == self._cached_target` compares B with B (both read *now*, not when the
+    GET began) and `self._cache.put` writes A's narinfo into B's cache. From then on every
+    client of B gets A's narinfo (a path B never had, signed by whoever wrote A). Responsible:
+    substituter.py `_narinfo` (the target and the cache are not captured before the GET)."""
+    a, b = new_bucket(private_server.endpoint), new_bucket(private_server.endpoint)
+    a.client.put_object(Bucket=a.name, Key=NARINFO, Body=narinfo_of("from-bucket-a"))
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", settings_for(tmp_path, a, signing_key, port))
+    cfg, cfg_file = load_config(config)
+    gate = Gate(monkeypatch, a.name)
+
+    async def go() -> None:
+        svc = Service(cfg, cfg_file)
+        svc.bucket = await ServiceBucket(cfg).open()
+        await svc._start_substituter()
+        try:
+            assert svc.bucket.uploader is not None
+            await svc.bucket.uploader.records.refresh()
+            async with aiohttp.ClientSession() as session:
+                in_flight = asyncio.create_task(fetch(session, port))
+                await asyncio.wait_for(gate.fetched.wait(), 10)
+                write_config(config, settings_for(tmp_path, b, signing_key, port))  # then SIGHUP
+                await svc.reload()
+                assert svc.bucket.target[2] == b.name
+                assert svc.bucket.uploader is not None
+                await svc.bucket.uploader.records.refresh()  # the new bucket's records, as publishing does
+                gate.release.set()
+                await in_flight
+                assert b.get(NARINFO) is None
+                status, body = await fetch(session, port)
+                assert status == 404, f"bucket B has no {NARINFO}, yet the daemon serves {body!r}"
+        finally:
+            await shutdown(svc)
+
+    asyncio.run(go())
+
+
+def test_a_narinfo_in_flight_across_a_reload_to_the_same_bucket_outlives_its_own_collection(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_narinfo` captures `records = uploader.records` and its epoch before the GET. A SIGHUP to
+    the same bucket gives the new uploader a *copy* of the tracker (`adopt`); the collection that
+    then deletes H runs on the new one (`self.bucket.uploader.records.learn`, schedule.py): the
+    new tracker's epoch moves, and its listener evicts H (nothing cached yet). The old GET
+    returns the narinfo it read before the deletion; the old tracker's epoch never moved, so
+    `records.epoch == epoch` holds and the narinfo is cached — and served from then on, though
+    the daemon deleted H itself and will never evict it again. Responsible: substituter.py
+    `_narinfo` (the epoch of the uploader in use, not of the bucket's current tracker)."""
+    bucket = new_bucket(private_server.endpoint)
+    bucket.client.put_object(Bucket=bucket.name, Key=NARINFO, Body=narinfo_of("deleted"))
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", settings_for(tmp_path, bucket, signing_key, port))
+    cfg, cfg_file = load_config(config)
+    gate = Gate(monkeypatch, bucket.name)
+
+    async def go() -> None:
+        svc = Service(cfg, cfg_file)
+        svc.bucket = await ServiceBucket(cfg).open()
+        await svc._start_substituter()
+        try:
+            assert svc.bucket.uploader is not None
+            await svc.bucket.uploader.records.refresh()
+            async with aiohttp.ClientSession() as session:
+                in_flight = asyncio.create_task(fetch(session, port))
+                await asyncio.wait_for(gate.fetched.wait(), 10)
+                await svc.reload()  # SIGHUP, same config
+                # this daemon's collection deletes H (what schedule.py's collect does)
+                bucket.client.delete_object(Bucket=bucket.name, Key=NARINFO)
+                assert svc.bucket.uploader is not None
+                svc.bucket.uploader.records.learn({H})
+                gate.release.set()
+                await in_flight
+                status, body = await fetch(session, port)
+                assert status == 404, f"{H} was deleted by this daemon's own collection, yet served: {body!r}"
+        finally:
+            await shutdown(svc)
+
+    asyncio.run(go())
+
+
+def test_reloads_that_turn_the_narinfo_cache_off_leave_the_other_buckets_cache_in_use(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """The reload applies the new config, `substituter` included (only a `config.needs_restart`
+    warning), but `_reload` calls `_follow(new)` *before* `self.cfg = cfg`, and `_follow` reads
+    `self.cfg.substituter.narinfo_cache`: the old setting. SIGHUP 1: A (cache on) → B with
+    `narinfo_cache = false`: B gets a cache anyway (old setting: on), and serves into it.
+    SIGHUP 2: B → A (still off): now `_follow` returns early, so `self._cache` stays *B's*
+    cache, and A's clients are answered B's narinfos. Responsible: substituter.py `_follow`
+    (early return leaves `_cache` set; reads the config being replaced) and service.py
+    `_reload` (calls it before `self.cfg = cfg`)."""
+    a, b = new_bucket(private_server.endpoint), new_bucket(private_server.endpoint)
+    b.client.put_object(Bucket=b.name, Key=NARINFO, Body=narinfo_of("from-bucket-b"))
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", settings_for(tmp_path, a, signing_key, port))
+    cfg, cfg_file = load_config(config)
+
+    async def go() -> None:
+        svc = Service(cfg, cfg_file)
+        svc.bucket = await ServiceBucket(cfg).open()
+        await svc._start_substituter()
+        try:
+            async with aiohttp.ClientSession() as session:
+                for target in (b, a):  # two SIGHUPs, both with the narinfo cache off
+                    write_config(config, settings_for(tmp_path, target, signing_key, port, narinfo_cache=False))
+                    await svc.reload()
+                    assert svc.bucket.target[2] == target.name
+                    assert svc.bucket.uploader is not None
+                    await svc.bucket.uploader.records.refresh()  # as the publisher does after a reload
+                    if target is b:
+                        assert (await fetch(session, port))[0] == 200
+                    await asyncio.sleep(0)
+                assert a.get(NARINFO) is None
+                status, body = await fetch(session, port)
+                assert status == 404, f"bucket A has no {NARINFO}, yet the daemon serves {body!r}"
+        finally:
+            await shutdown(svc)
+
+    asyncio.run(go())
+
+
+# ---- promise 1: query strings ------------------------------------------------------------------------------
+
+
+def serving(tmp: Path, bucket: Bucket, key: Key, **substituter: object) -> tuple[Daemon, int]:
+    port = free_port()
+    config = write_config(tmp / "config.toml", settings_for(tmp, bucket, key, port, **substituter))
+    return Daemon(config, tmp / "daemon.log").start(), port
+
+
+def test_a_query_string_is_not_refused(tmp_path: Path, private_server: SeaweedFS, signing_key: Key) -> None:
+    """`_serve` drops everything after `?` (`request.raw_path.partition("?")[0]`) and serves
+    the rest: `/nix-cache-info?list-type=2` and `/<hash>.narinfo?x=1` are answered 200, where
+    the promise is that a query string (a path trick, S3's listing syntax) gets a 4xx. No S3
+    listing results (the key alone is sent), but the filter accepts requests a Nix client never
+    makes. Responsible: substituter.py `_serve`."""
+    bucket = new_bucket(private_server.endpoint)
+    bucket.client.put_object(Bucket=bucket.name, Key="nix-cache-info", Body=b"StoreDir: /nix/store\n")
+    bucket.client.put_object(Bucket=bucket.name, Key=NARINFO, Body=narinfo_of("q"))
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    try:
+        got = {p: request(port, "GET", p)[0] for p in ("/nix-cache-info?list-type=2", f"/{NARINFO}?x=1")}
+        assert all(400 <= s < 500 for s in got.values()), got
+    finally:
+        daemon.stop()
+
+
+# ---- promise 2: nothing but 401 without credentials --------------------------------------------------------
+
+
+def raw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.settimeout(3)
+        out = b""
+        try:
+            while chunk := sock.recv(4096):
+                out += chunk
+                if b"\r\n\r\n" in out:
+                    break
+        except TimeoutError:
+            pass
+        return out
+
+
+def test_without_credentials_an_expect_header_is_answered_before_the_login_is_checked(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """With `netrc_file` set, a request without `Authorization` but with an `Expect` header is
+    answered by aiohttp's default expect handler before `_serve` runs: `Expect: x` gets 417,
+    `Expect: 100-continue` gets `100 Continue` — not 401. Harmless in content, but the promise
+    is "nothing but 401". Responsible: substituter.py `_start_substituter` (the route's
+    `expect_handler` is aiohttp's default)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login builder password s3cret-pass\n")
+    netrc.chmod(0o600)
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key, netrc_file=str(netrc))
+    try:
+        answers = [
+            raw(port, b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nExpect: x\r\n\r\n"),
+            raw(port, b"POST /nix-cache-info HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"),
+        ]
+        firsts = [a.split(b"\r\n", 1)[0] for a in answers]
+        assert all(f.startswith(b"HTTP/1.1 401") for f in firsts), firsts
+    finally:
+        daemon.stop()
