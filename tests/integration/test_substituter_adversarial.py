@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ from tests.integration.test_substituter import request
 Key = tuple[Path, str]
 H = "a" * 32
 NARINFO = f"{H}.narinfo"
-
-
-@pytest.fixture(scope="module")
-def private_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("review13-weed"), anonymous_read=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def narinfo_of(tag: str) -> bytes:
@@ -73,6 +62,16 @@ async def fetch(session: aiohttp.ClientSession, port: int) -> tuple[int, bytes]:
         return resp.status, await resp.read()
 
 
+async def in_process(cfg: Any, cfg_file: Path) -> Service:
+    """The daemon's Service with its bucket open and the substituter listening, records read."""
+    svc = Service(cfg, cfg_file)
+    svc.bucket = await ServiceBucket(cfg).open()
+    await svc._start_substituter()
+    assert svc.bucket.uploader is not None
+    await svc.bucket.uploader.records.refresh()
+    return svc
+
+
 async def shutdown(svc: Service) -> None:
     for task in list(svc.workers.values()):
         task.cancel()
@@ -103,12 +102,8 @@ def test_a_narinfo_in_flight_across_a_reload_to_another_bucket_is_cached_for_the
     gate = Gate(monkeypatch, a.name)
 
     async def go() -> None:
-        svc = Service(cfg, cfg_file)
-        svc.bucket = await ServiceBucket(cfg).open()
-        await svc._start_substituter()
+        svc = await in_process(cfg, cfg_file)
         try:
-            assert svc.bucket.uploader is not None
-            await svc.bucket.uploader.records.refresh()
             async with aiohttp.ClientSession() as session:
                 in_flight = asyncio.create_task(fetch(session, port))
                 await asyncio.wait_for(gate.fetched.wait(), 10)
@@ -147,12 +142,8 @@ def test_a_narinfo_in_flight_across_a_reload_to_the_same_bucket_outlives_its_own
     gate = Gate(monkeypatch, bucket.name)
 
     async def go() -> None:
-        svc = Service(cfg, cfg_file)
-        svc.bucket = await ServiceBucket(cfg).open()
-        await svc._start_substituter()
+        svc = await in_process(cfg, cfg_file)
         try:
-            assert svc.bucket.uploader is not None
-            await svc.bucket.uploader.records.refresh()
             async with aiohttp.ClientSession() as session:
                 in_flight = asyncio.create_task(fetch(session, port))
                 await asyncio.wait_for(gate.fetched.wait(), 10)
@@ -189,9 +180,7 @@ def test_reloads_that_turn_the_narinfo_cache_off_leave_the_other_buckets_cache_i
     cfg, cfg_file = load_config(config)
 
     async def go() -> None:
-        svc = Service(cfg, cfg_file)
-        svc.bucket = await ServiceBucket(cfg).open()
-        await svc._start_substituter()
+        svc = await in_process(cfg, cfg_file)
         try:
             async with aiohttp.ClientSession() as session:
                 for target in (b, a):  # two SIGHUPs, both with the narinfo cache off
