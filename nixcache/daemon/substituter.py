@@ -97,15 +97,20 @@ class Substituter(State):
     def _follow(self, bucket: Bucket) -> None:
         """Cache narinfos of ``bucket`` (a reload may change it), evicting what its collections
         delete: the deletion records this daemon learns are told to the cache."""
-        if self._runner is None or not self._caching or bucket.uploader is None:
+        if self._runner is None:
             return
-        if bucket.target != self._cached_target:
-            digest = hashlib.sha256(repr(bucket.target).encode()).hexdigest()[:16]
-            self._cache = NarinfoCache(self.cfg.state_dir / "substituter" / digest)
-            self._cache.clear()  # written before this process learnt the records: not trusted
+        if bucket.target != self._cached_target:  # what was known of another bucket goes
+            self._misses.clear()
+            self._named_by.clear()
             self._cached_target = bucket.target
+            self._cache = None
+            if self._caching:
+                digest = hashlib.sha256(repr(bucket.target).encode()).hexdigest()[:16]
+                self._cache = NarinfoCache(self.cfg.state_dir / "substituter" / digest)
+                self._cache.clear()  # written before this process learnt the records: not trusted
         cache = self._cache
-        assert cache is not None
+        if cache is None or bucket.uploader is None:
+            return
 
         def evict(paths: Iterable[str], everything: bool) -> None:
             if everything:
