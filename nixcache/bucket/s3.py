@@ -14,14 +14,16 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import aiobotocore.session
+import botocore.httpsession
 import botocore.utils
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from nixcache import __version__, metrics
+from nixcache.bucket.signed_get import Reading, SignedGets
 from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
@@ -96,14 +98,6 @@ def parse_timestamp(value: str | int | float) -> datetime.datetime:
     return botocore.utils.parse_timestamp(value)  # type: ignore[arg-type]  # it takes numbers too
 
 
-class Reading(NamedTuple):
-    """An object being read: see :meth:`S3.reading`."""
-
-    size: int
-    etag: str
-    chunks: AsyncIterator[bytes]
-
-
 class S3:
     """One bucket. Use as ``async with S3(cfg) as s3:``."""
 
@@ -113,6 +107,7 @@ class S3:
         self.requests: Counter[str] = Counter()
         self._stack = contextlib.AsyncExitStack()
         self._client: S3Client | None = None
+        self._reads: SignedGets | None = None
 
     async def __aenter__(self) -> S3:
         session = aiobotocore.session.get_session()
@@ -146,6 +141,26 @@ class S3:
         client.meta.events.register("after-call.s3", self._finished)
         client.meta.events.register("after-call-error.s3", self._finished)
         self._client = client
+        credentials = await session.get_credentials()
+
+        async def frozen() -> Any:
+            return None if credentials is None else await credentials.get_frozen_credentials()
+
+        # The client's own URL for a key "k" (endpoint, addressing style), without "k": no request.
+        presigned = await client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": "k"})
+        self._reads = await self._stack.enter_async_context(
+            SignedGets(
+                presigned.split("?", 1)[0][:-1],
+                client.meta.region_name,
+                frozen,
+                lambda: self._count("before-send.s3.GetObject"),
+                _HINTS,
+                attempts=self.cfg.max_attempts,
+                connect_timeout=self.cfg.connect_timeout,
+                read_timeout=self.cfg.read_timeout,
+                ca_bundle=botocore.httpsession.get_cert_path(session.get_config_variable("ca_bundle") or True),
+            )
+        )
         return self
 
     async def __aexit__(
@@ -201,23 +216,22 @@ class S3:
                 return await body.read(), str(resp.get("ETag", ""))
         return None
 
+    async def fetch(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist: a lean signed GET (see
+        :mod:`nixcache.bucket.signed_get`), for reads on a client's critical path."""
+        async with self.reading(key) as reading:
+            return None if reading is None else b"".join([chunk async for chunk in reading.chunks])
+
     @contextlib.asynccontextmanager
     async def reading(self, key: str) -> AsyncIterator[Reading | None]:
         """The object as a stream (its size, ETag and chunks), or None when it does not exist:
-        the body is read inside the block, in bounded memory; leaving early drops the connection."""
-        resp = None
-        with self._errors(key, "NoSuchKey", "404"):
-            resp = await self.client.get_object(Bucket=self.bucket, Key=key)
-        if resp is None:
-            yield None
-            return
-        async with resp["Body"] as body:
-            yield Reading(int(resp.get("ContentLength", 0)), str(resp.get("ETag", "")), self._chunks(key, body))
-
-    async def _chunks(self, key: str, body: Any) -> AsyncIterator[bytes]:
-        with self._errors(key):
-            async for chunk in body.iter_chunks(1 << 16):
-                yield chunk
+        the body is read inside the block, in bounded memory; leaving early drops the connection.
+        A lean signed GET (see :mod:`nixcache.bucket.signed_get`)."""
+        assert self._reads is not None, "use `async with S3(...)`"
+        started = time.monotonic()
+        async with self._reads.get(key, f"s3://{self.bucket}/{key}") as got:
+            metrics.S3_SECONDS.labels("GetObject").observe(time.monotonic() - started)
+            yield got
 
     async def put(
         self,

@@ -36,8 +36,8 @@ log = get("nixcache.daemon.substituter")
 MAX_MISSES = 100_000
 """Misses remembered (the oldest are forgotten first)."""
 STREAMS = 32
-"""Objects read from the bucket at once: half the S3 client's connection pool, so clients can
-never take the connections uploads need. Others wait up to SLOT_WAIT, then get 503."""
+"""Objects read from the bucket at once (its read pool, apart from the uploads' connections:
+``signed_get.CONNECTIONS``). Others wait up to SLOT_WAIT, then get 503."""
 SLOT_WAIT = 30.0
 STALL = 60.0
 """A client that accepts no data for this long is dropped (its stream slot is freed)."""
@@ -181,14 +181,20 @@ class Substituter(State):
             with bucket.use() as uploader:
                 if digest is not None and cache is not None:
                     epoch = uploader.records.epoch
-                    data = await uploader.s3.get(key)
+                    data = await uploader.s3.fetch(key)
                     if data is None:
                         self._remember_missing(key)
                         return web.Response(status=404)
-                    # Cached only if nothing changed while it was on its way: no reload (to
-                    # this bucket or another), no deletion learnt.
-                    if self.bucket is bucket and self._cache is cache and uploader.records.epoch == epoch:
-                        cache.put(digest, data)
+                    records = uploader.records
+
+                    def keep() -> None:
+                        # Cached only if nothing changed while it was on its way: no reload (to
+                        # this bucket or another), no deletion learnt. Written once the answer
+                        # is sent (the next turn of the loop): the client does not wait for it.
+                        if self.bucket is bucket and self._cache is cache and records.epoch == epoch:
+                            cache.put(digest, data)
+
+                    asyncio.get_running_loop().call_soon(keep)
                     return self._narinfo_response(request, data, digest)
                 if request.method == "HEAD":
                     head = await uploader.s3.head(key)
@@ -228,12 +234,17 @@ class Substituter(State):
                     self._cache.forget([digest])
                     self._remember_missing(f"{digest}.narinfo")
                 return web.Response(status=404)
-            response = web.StreamResponse(headers={"Content-Length": str(reading.size)})
+            response = web.StreamResponse(headers={"Content-Length": str(reading.size)} if reading.size >= 0 else {})
             response.content_type = _content_type(key)
             await response.prepare(request)
-            async for chunk in reading.chunks:
-                # Waits for a slow client (memory stays bounded), but not for ever.
-                await asyncio.wait_for(response.write(chunk), STALL)
+            loop = asyncio.get_running_loop()
+            # Waits for a slow client (memory stays bounded), but not for ever: STALL from the
+            # last chunk written (one timer moved per chunk, not a task per write).
+            async with asyncio.timeout(None) as stalled:
+                async for chunk in reading.chunks:
+                    stalled.reschedule(loop.time() + STALL)
+                    await response.write(chunk)
+                stalled.reschedule(None)
             await response.write_eof()
             return response
 

@@ -22,12 +22,15 @@ class NarinfoCache:
         self.directory = directory
         self.max_entries = max_entries
         directory.mkdir(parents=True, exist_ok=True)
-        self._count = len(self._entries())
+        # What this process wrote and has not dropped: a miss costs no system call.
+        self._known = {e.name.removesuffix(".narinfo") for e in self._entries() if e.name.endswith(".narinfo")}
 
     def _path(self, hash_part: str) -> Path:
         return self.directory / f"{hash_part}.narinfo"  # hash parts are nix32 (layout.served_key)
 
     def get(self, hash_part: str) -> bytes | None:
+        if hash_part not in self._known:
+            return None
         try:
             data = self._path(hash_part).read_bytes()
         except OSError:
@@ -46,17 +49,18 @@ class NarinfoCache:
         except OSError:
             tmp.unlink(missing_ok=True)
             return
-        self._count += 1
-        if self._count > self.max_entries:
+        self._known.add(hash_part)
+        if len(self._known) > self.max_entries:
             self._trim()
 
     def forget(self, hash_parts: Iterable[str]) -> None:
         for digest in hash_parts:
+            self._known.discard(digest)
             self._path(digest).unlink(missing_ok=True)
 
     def clear(self) -> None:
+        self._known.clear()
         self._remove(self._entries())
-        self._count = 0
 
     @staticmethod
     def _remove(entries: Iterable[os.DirEntry[str]]) -> None:
@@ -75,5 +79,6 @@ class NarinfoCache:
             entries = sorted(self._entries(), key=lambda e: e.stat().st_mtime)
         except FileNotFoundError:  # one went meanwhile: next time
             return
-        self._remove(entries[: max(1, len(entries) // 10)])
-        self._count = len(self._entries())
+        dropped = entries[: max(1, len(entries) // 10)]
+        self._known.difference_update(e.name.removesuffix(".narinfo") for e in dropped)
+        self._remove(dropped)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nixcache.bucket import layout
-from nixcache.bucket.seaweed import SeaweedFS, free_port
+from nixcache.bucket.seaweed import ACCESS_KEY, SeaweedFS, free_port
 from tests.harness import (
     NIX,
     Bucket,
@@ -95,6 +95,30 @@ def test_a_private_bucket_is_substituted_through_the_daemon_and_not_anonymously(
     status, body = request(port, "GET", "/nix-cache-info")
     assert status == 200 and b"StoreDir: /nix/store" in body
     assert request(port, "HEAD", "/" + layout.narinfo_key(closure[0]))[0] == 200
+    assert daemon.alive() and daemon.stop() == 0
+
+
+def test_wrong_credentials_are_a_502_and_one_clear_log_line(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """The substituter's reads are signed GETs of their own (bucket/signed_get.py): a wrong
+    secret is worded as the client's errors are, and never served as a missing object."""
+    bucket = new_bucket(private_server.endpoint)
+    bucket.client.put_object(Bucket=bucket.name, Key="nix-cache-info", Body=b"StoreDir: /nix/store\n")
+    daemon, port = serving(tmp_path, bucket, signing_key)
+    assert request(port, "GET", "/nix-cache-info")[0] == 200
+    daemon.stop()
+    (tmp_path / "credentials").write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = wrong\n"
+    )
+    daemon.start()
+    wait_until(lambda: daemon.events("substituter.listening"), 30, "the substituter listening")
+    for path in ("/nix-cache-info", "/" + "0" * 32 + ".narinfo", "/nar/" + "1" * 52 + ".nar.zst"):
+        assert request(port, "GET", path)[0] == 502
+    failures = daemon.events("substituter.failed")
+    assert len(failures) == 3
+    assert all("SignatureDoesNotMatch (HTTP 403): the secret key is wrong" in f["error"] for f in failures)
+    assert request(port, "GET", "/" + "0" * 32 + ".narinfo")[0] == 502, "a failure is not remembered as a miss"
     assert daemon.alive() and daemon.stop() == 0
 
 

@@ -45,7 +45,7 @@ class Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, bucket_name: str) -> None:
         self.fetched = asyncio.Event()
         self.release = asyncio.Event()
-        real_get = S3.get
+        real_get = S3.fetch
 
         async def get(s3: S3, key: str) -> bytes | None:
             data = await real_get(s3, key)
@@ -54,7 +54,7 @@ class Gate:
                 await self.release.wait()
             return data
 
-        monkeypatch.setattr(S3, "get", get)
+        monkeypatch.setattr(S3, "fetch", get)
 
 
 async def fetch(session: aiohttp.ClientSession, port: int) -> tuple[int, bytes]:

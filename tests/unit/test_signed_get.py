@@ -1,0 +1,186 @@
+"""bucket/signed_get.py, the substituter's lean GETs: the same answers as the botocore client
+(bytes, absent, errors worded alike) against a real moto server, every attempt counted, and
+botocore's retries, against an endpoint that fails on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from nixcache import metrics
+from nixcache.bucket import signed_get
+from nixcache.bucket.s3 import S3, job_requests
+from nixcache.bucket.seaweed import free_port
+from nixcache.config import S3Config
+from nixcache.errors import S3Error
+from tests.harness import MotoServer
+from tests.unit.test_s3_client import s3_config
+
+
+@pytest.fixture
+def endpoint(moto: MotoServer) -> str:
+    return moto.endpoint
+
+
+KEYS = ["nix-cache-info", "0123456789abcdfghijklmnpqrsvwxyz.narinfo", "nar/abc.nar.zst", "odd/a b+c~d=é"]
+
+
+def test_lean_reads_answer_as_the_client_does(tmp_path: Path, endpoint: str) -> None:
+    cfg = s3_config(tmp_path, endpoint, "t-lean-reads")
+    big = bytes(range(256)) * 4096  # 1 MiB: several chunks
+
+    async def main() -> None:
+        async with S3(cfg) as s3:
+            await s3.create_bucket()
+            for i, key in enumerate(KEYS):
+                await s3.put(key, f"object {i}\n".encode())
+            await s3.put("nar/big.nar", big)
+            before = metrics.requests().get("GetObject", 0)
+            with job_requests() as job:
+                for key in KEYS:
+                    assert await s3.fetch(key) == await s3.get(key)
+                assert await s3.fetch("absent.narinfo") is None
+                async with s3.reading("nar/big.nar") as reading:
+                    assert reading is not None
+                    head = await s3.head("nar/big.nar")
+                    assert head is not None and (reading.size, reading.etag) == (len(big), head["ETag"])
+                    chunks = [chunk async for chunk in reading.chunks]
+                assert b"".join(chunks) == big and len(chunks) > 1
+                async with s3.reading("absent") as reading:
+                    assert reading is None
+            # one request per read: len(KEYS) fetches and as many client GETs, 1 absent, 2 streams
+            assert job["GetObject"] == 2 * len(KEYS) + 3 and job["HeadObject"] == 1
+            assert metrics.requests()["GetObject"] - before == job["GetObject"]
+
+    asyncio.run(main())
+
+
+def test_a_missing_bucket_is_an_error_not_a_missing_object(tmp_path: Path, endpoint: str) -> None:
+    cfg = s3_config(tmp_path, endpoint, "t-lean-no-bucket")
+
+    async def main() -> None:
+        async with S3(cfg) as s3:
+            await s3.fetch("k.narinfo")
+
+    with pytest.raises(S3Error, match=r"s3://t-lean-no-bucket/k.narinfo: NoSuchBucket \(HTTP 404\): the bucket does"):
+        asyncio.run(main())
+
+
+class Flaky:
+    """An S3 endpoint that answers ``statuses`` in turn (then 200 with ``body``)."""
+
+    def __init__(self, statuses: list[int], body: bytes = b"payload") -> None:
+        self.statuses = statuses
+        self.body = body
+        self.seen: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append({"path": request.path_qs, **request.headers})
+        if self.statuses:
+            status = self.statuses.pop(0)
+            return web.Response(status=status, body=f"<Error><Code>Code{status}</Code></Error>")
+        return web.Response(body=self.body, headers={"ETag": '"e"'})
+
+    async def serve(self, cfg: S3Config, go: Any) -> Any:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        assert cfg.endpoint is not None
+        await web.TCPSite(runner, "127.0.0.1", int(cfg.endpoint.rsplit(":", 1)[1])).start()
+        try:
+            async with S3(cfg) as s3:
+                return await go(s3)
+        finally:
+            await runner.cleanup()
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(signed_get, "backoff", lambda attempt: 0.0)
+
+
+def flaky_config(tmp_path: Path, attempts: int) -> S3Config:
+    cfg = s3_config(tmp_path, f"http://127.0.0.1:{free_port()}", "t-flaky")
+    return cfg.model_copy(update={"max_attempts": attempts})
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_5xx_and_429_are_retried_and_every_attempt_counted(tmp_path: Path) -> None:
+    flaky = Flaky([503, 500, 429])
+    cfg = flaky_config(tmp_path, attempts=4)
+
+    async def go(s3: S3) -> tuple[bytes | None, int]:
+        data = await s3.fetch("nar/x.nar")
+        return data, s3.requests["GetObject"]
+
+    assert asyncio.run(flaky.serve(cfg, go)) == (b"payload", 4)
+    assert [seen["path"] for seen in flaky.seen] == ["/t-flaky/nar/x.nar"] * 4
+    for seen in flaky.seen:  # signed as botocore signs: SigV4, with the payload hash header
+        assert seen["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=")
+        assert "x-amz-date" in seen["Authorization"] and seen["X-Amz-Content-SHA256"]
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_retries_give_up_with_one_clear_error(tmp_path: Path) -> None:
+    flaky = Flaky([503, 503, 503])
+    cfg = flaky_config(tmp_path, attempts=3)
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: HTTP 503 \(3 attempts\)"):
+        asyncio.run(flaky.serve(cfg, lambda s3: s3.fetch("k")))
+    assert flaky.statuses == [] and len(flaky.seen) == 3
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_other_answers_are_not_retried(tmp_path: Path) -> None:
+    flaky = Flaky([403])
+    cfg = flaky_config(tmp_path, attempts=3)
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: Code403 \(HTTP 403\)"):
+        asyncio.run(flaky.serve(cfg, lambda s3: s3.fetch("k")))
+    assert len(flaky.seen) == 1
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_an_unreachable_endpoint_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = flaky_config(tmp_path, attempts=2)
+
+    async def main() -> None:
+        async with S3(cfg) as s3:
+            await s3.fetch("k")
+
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: ClientConnectorError: .* \(2 attempts\)"):
+        asyncio.run(main())
+
+
+def test_backoff_is_botocores_standard_mode() -> None:
+    for attempt in range(1, 12):
+        waits = [signed_get.backoff(attempt) for _ in range(200)]
+        assert all(0 <= w <= min(20.0, 2.0 ** (attempt - 1)) for w in waits)
+        assert max(waits) > min(20.0, 2.0 ** (attempt - 1)) / 2  # jittered over the whole range
+
+
+@pytest.mark.parametrize(
+    ("style", "base"),
+    [("path", "http://s3.example.test:9000/t-bucket/"), ("virtual", "http://t-bucket.s3.example.test:9000/")],
+)
+def test_the_url_is_the_clients_own(tmp_path: Path, style: str, base: str) -> None:
+    cfg = s3_config(tmp_path, "http://s3.example.test:9000", "t-bucket")
+    cfg = cfg.model_copy(update={"addressing_style": style})
+
+    async def main() -> str:
+        async with S3(cfg) as s3:  # no request is made: the URL comes from a presigned one
+            assert s3._reads is not None
+            return s3._reads.base
+
+    assert asyncio.run(main()) == base
+
+
+def test_proxies_are_looked_up_once_as_botocore_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.test")
+    assert signed_get._proxy_for("https://s3.example.test/b/") == "http://proxy.test:3128"
+    assert signed_get._proxy_for("https://s3.internal.test/b/") is None
+    assert signed_get._proxy_for("http://s3.example.test/b/") is None  # no HTTP_PROXY
