@@ -137,6 +137,9 @@ class SubstituterConfig(_Section):
     """How long a missing narinfo is answered 404 without asking the bucket again."""
     narinfo_cache: bool = True
     """Keep served narinfos in ``state_dir/substituter/`` (evicted as collections delete)."""
+    nar_cache_mb: int = Field(default=0, ge=0)
+    """Keep served NARs in ``state_dir/substituter/nars/`` up to this many MiB, least recently
+    used dropped first; 0 for none. For a LAN reading the same closures."""
 
     @model_validator(mode="after")
     def _lan_needs_credentials(self) -> SubstituterConfig:

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ from nixcache.bucket.s3 import S3
 from nixcache.daemon.bucket import Bucket
 from nixcache.daemon.state import State
 from nixcache.errors import ConfigError, S3Error
+from nixcache.local.nar_cache import NarCache, Writer
 from nixcache.local.narinfo_cache import NarinfoCache
 from nixcache.logs import get
 
@@ -41,6 +43,16 @@ STREAMS = 32
 SLOT_WAIT = 30.0
 STALL = 60.0
 """A client that accepts no data for this long is dropped (its stream slot is freed)."""
+SLICE = 1 << 22
+"""A cached NAR is sent (sendfile) this much at a time, the stall timer moved between slices."""
+
+
+class Named(NamedTuple):
+    """What the narinfo that named a NAR says of it."""
+
+    digest: str
+    file_hash: str
+    file_size: int
 
 
 def load_logins(path: Path) -> dict[str, str]:
@@ -81,8 +93,11 @@ class Substituter(State):
         self._caching = settings.narinfo_cache  # the [substituter] settings need a restart
         _raise_open_files()
         self._misses: OrderedDict[str, float] = OrderedDict()
-        self._named_by: dict[str, str] = {}
+        self._named_by: dict[str, Named] = {}
         self._streams = asyncio.Semaphore(STREAMS)
+        # NARs are named by their content: kept across restarts and buckets.
+        budget = settings.nar_cache_mb << 20
+        self._nars = NarCache(self.cfg.state_dir / "substituter" / "nars", budget) if budget else None
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve, expect_handler=self._expect)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -166,6 +181,8 @@ class Substituter(State):
         bucket = self.bucket
         assert bucket is not None
         digest = layout.hash_of_narinfo_key(key)
+        if digest is None and self._nars is not None and (cached := self._nars.open(key)) is not None:
+            return await self._send_file(request, key, *cached)
         cache = self._cache
         if digest is not None and cache is not None and bucket.uploader is not None:
             if bucket.uploader.records.stale:  # may have missed deletions: nothing cached is trusted
@@ -217,34 +234,69 @@ class Substituter(State):
 
     def _remember_nar(self, narinfo: bytes, digest: str) -> None:
         """Which narinfo named this NAR: if the NAR turns out missing (deleted by a collection
-        this daemon has not learnt of yet), that narinfo leaves the cache at once."""
-        for line in narinfo.splitlines():
-            if line.startswith(b"URL: "):
-                self._named_by[line[5:].decode(errors="replace").strip()] = digest
-                while len(self._named_by) > MAX_MISSES:
-                    self._named_by.pop(next(iter(self._named_by)))
-                return
+        this daemon has not learnt of yet), that narinfo leaves the cache at once; and the
+        NAR's hash and size, which a NAR must match to be kept in the NAR cache."""
+        fields = dict(line.partition(b": ")[::2] for line in narinfo.splitlines())
+        url = fields.get(b"URL", b"").decode(errors="replace").strip()
+        if not url:
+            return
+        size, file_hash = fields.get(b"FileSize", b""), fields.get(b"FileHash", b"").decode(errors="replace")
+        named = Named(digest, file_hash.strip(), int(size) if size.strip().isdigit() else -1)
+        self._named_by.pop(url, None)  # the newest last: the oldest are forgotten first
+        self._named_by[url] = named
+        while len(self._named_by) > MAX_MISSES:
+            self._named_by.pop(next(iter(self._named_by)))
 
     async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
         async with s3.reading(key) as reading:
+            named = self._named_by.get(key)
             if reading is None:
                 self._remember_missing(key)
-                digest = self._named_by.pop(key, None)
-                if digest is not None and self._cache is not None:
-                    self._cache.forget([digest])
-                    self._remember_missing(f"{digest}.narinfo")
+                self._named_by.pop(key, None)
+                if named is not None and self._cache is not None:
+                    self._cache.forget([named.digest])
+                    self._remember_missing(f"{named.digest}.narinfo")
                 return web.Response(status=404)
             response = web.StreamResponse(headers={"Content-Length": str(reading.size)} if reading.size >= 0 else {})
             response.content_type = _content_type(key)
             await response.prepare(request)
+            copy: Writer | None = None
+            if self._nars is not None and named is not None and named.file_size == reading.size:
+                copy = self._nars.writer(key, reading.size, named.file_hash)
             loop = asyncio.get_running_loop()
-            # Waits for a slow client (memory stays bounded), but not for ever: STALL from the
-            # last chunk written (one timer moved per chunk, not a task per write).
-            async with asyncio.timeout(None) as stalled:
-                async for chunk in reading.chunks:
-                    stalled.reschedule(loop.time() + STALL)
-                    await response.write(chunk)
-                stalled.reschedule(None)
+            try:
+                # Waits for a slow client (memory stays bounded), but not for ever: STALL from
+                # the last chunk written (one timer moved per chunk, not a task per write).
+                async with asyncio.timeout(None) as stalled:
+                    async for chunk in reading.chunks:
+                        stalled.reschedule(loop.time() + STALL)
+                        await response.write(chunk)
+                        if copy is not None:
+                            await copy.add(chunk)
+                    stalled.reschedule(None)
+                await response.write_eof()
+                if copy is not None:
+                    await copy.finish()
+            finally:
+                if copy is not None:
+                    copy.abort()  # unless finished: a client gone, an error
+            return response
+
+    async def _send_file(self, request: web.Request, key: str, f: BinaryIO, size: int) -> web.StreamResponse:
+        """A NAR from the NAR cache: no request to the bucket, the kernel copies (sendfile)."""
+        with f:
+            response = web.StreamResponse(headers={"Content-Length": str(size)})
+            response.content_type = _content_type(key)
+            await response.prepare(request)
+            if request.method == "GET" and size:
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("client gone")
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout(None) as stalled:
+                    for offset in range(0, size, SLICE):
+                        stalled.reschedule(loop.time() + STALL)
+                        await loop.sendfile(transport, f, offset, min(SLICE, size - offset))
             await response.write_eof()
             return response
 

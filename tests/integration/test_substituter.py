@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -287,6 +288,62 @@ def test_a_second_substitution_reads_no_narinfo_from_the_bucket(
     nars = len(closure)
     assert first >= nars + len(closure), f"first: {first} GETs (narinfos, NARs, nix-cache-info)"
     assert second == nars + 1, f"second: {second} GETs, expected {nars} NARs + nix-cache-info"
+    assert daemon.stop() == 0
+
+
+def test_with_the_nar_cache_a_second_client_costs_the_bucket_nothing_and_bad_bytes_are_never_kept(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """`nar_cache_mb`: the first client's NARs are kept (each checked against its narinfo's
+    FileHash and FileSize); a second client's substitution then costs one GET (nix-cache-info).
+    A NAR whose bytes in the bucket are not those its narinfo names is served (Nix rejects it)
+    but never kept. Deleting the cache while the daemon runs costs re-reads, nothing else."""
+    bucket = new_bucket(private_server.endpoint)
+    daemon, port = serving(tmp_path, bucket, signing_key, nar_cache_mb=64)
+    closure = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config))
+    wait_until(lambda: all(bucket.has_narinfo(p) for p in closure), 60, "the closure pushed")
+    url = f"http://127.0.0.1:{port}"
+    nars_dir = tmp_path / "state" / "substituter" / "nars"
+
+    def substitute(n: int, paths: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+        before = status_of(daemon.config)["requests"].get("GetObject", 0)
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"client-cache-{n}")}
+        done = subprocess.run(
+            [*NIX, "copy", "--from", url, "--to", str(tmp_path / f"store-{n}"), "--option", "require-sigs", "true",
+             "--option", "trusted-public-keys", signing_key[1], *paths],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        return done, int(status_of(daemon.config)["requests"].get("GetObject", 0)) - before
+
+    done, first = substitute(1, [closure[-1]])
+    assert done.returncode == 0, done.stderr
+    assert first == 2 * len(closure) + 1, f"first client: {first} GETs (narinfos, NARs, nix-cache-info)"
+    narinfos = {p: (bucket.get(layout.narinfo_key(p)) or b"").decode() for p in closure}
+    urls = {p: next(line[5:] for line in n.splitlines() if line.startswith("URL: ")) for p, n in narinfos.items()}
+    assert sorted(f.name for f in nars_dir.iterdir()) == sorted(u.rpartition("/")[2] for u in urls.values())
+    for p in closure:  # kept byte for byte
+        assert (nars_dir / urls[p].rpartition("/")[2]).read_bytes() == bucket.get(urls[p])
+
+    done, second = substitute(2, [closure[-1]])
+    assert done.returncode == 0, done.stderr
+    assert second == 1, f"second client: {second} GETs, expected nix-cache-info only"
+    assert all((tmp_path / "store-2" / p.lstrip("/")).exists() for p in closure)
+
+    # Bytes that are not what the narinfo names (same length): served, rejected by Nix, not kept.
+    victim = closure[0]
+    good = bucket.get(urls[victim])
+    assert good is not None
+    bucket.client.put_object(Bucket=bucket.name, Key=urls[victim], Body=bytes(len(good)))
+    shutil.rmtree(nars_dir)
+    done, _ = substitute(3, [victim])
+    assert done.returncode != 0, "Nix accepted bytes that do not match the signed narinfo"
+    assert not (nars_dir / urls[victim].rpartition("/")[2]).exists(), "bad bytes kept"
+    # The cache deleted by hand: read again from the bucket, and kept again.
+    bucket.client.put_object(Bucket=bucket.name, Key=urls[victim], Body=good)
+    done, third = substitute(4, [victim])
+    assert done.returncode == 0, done.stderr
+    assert third == 2, f"{third} GETs: nix-cache-info and the NAR (its narinfo is cached)"
+    assert (nars_dir / urls[victim].rpartition("/")[2]).read_bytes() == good
     assert daemon.stop() == 0
 
 
