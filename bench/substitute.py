@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import boto3
 
@@ -59,6 +60,56 @@ def substitute(url: str, top: str, dest: Path, public: str, cache: Path) -> floa
     return seconds
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Daemon:
+    """`nixcache serve` with the substituter on a free port (its own state directory)."""
+
+    def __init__(self, workdir: Path, name: str, settings: str, nar_cache_mb: int) -> None:
+        self.port = free_port()
+        self.state = workdir / f"substitute-{name}"
+        shutil.rmtree(self.state, ignore_errors=True)
+        (self.state / "gcroots").mkdir(parents=True)
+        self.config = workdir / f"substitute-{name}.toml"
+        self.config.write_text(
+            f'state_dir = "{self.state}"\nfifo = "{self.state / "run/hook.fifo"}"\n'
+            f'gcroots_dir = "{self.state / "gcroots"}"\nprofiles_dir = ""\n{settings}'
+            f'[gc]\ncollect = false\n[substituter]\nlisten = "127.0.0.1:{self.port}"\nnar_cache_mb = {nar_cache_mb}\n'
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"substitute-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "nixcache.cli", "serve", "--config",
+                                             str(self.config)], stderr=log)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (self.state / "run" / "control.sock").exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise SystemExit(f"the daemon did not start (see {self.log})")
+            time.sleep(0.2)
+
+    def empty(self, narinfos: bool, nars: bool) -> None:
+        """Caches are safe to delete at any time: emptied by hand, as a user may."""
+        for pattern, wanted in (("*/*.narinfo", narinfos), ("nars/*", nars)):
+            for entry in (self.state / "substituter").glob(pattern) if wanted else []:
+                entry.unlink()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=500)
@@ -73,7 +124,8 @@ def main() -> None:
 
     weed = SeaweedFS(workdir / f"weed-sub-{os.getpid()}")
     weed.start()
-    daemon = latency = None
+    daemons: list[Daemon] = []
+    latency = None
     try:
         bucket = f"substitute-{int(time.time())}"
         admin = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=ACCESS_KEY,
@@ -87,66 +139,65 @@ def main() -> None:
         creds = workdir / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
         endpoint, latency = delayed(weed, args.latency_ms)
-        port = free_port()
-        state = workdir / "substitute-state"
-        shutil.rmtree(state, ignore_errors=True)
-        config = workdir / "substitute.toml"
-        config.write_text(
-            f'state_dir = "{state}"\nfifo = "{state / "run/hook.fifo"}"\ngcroots_dir = "{state / "gcroots"}"\n'
-            f'profiles_dir = ""\n[s3]\nbucket = "{bucket}"\nendpoint = "{endpoint}"\n'
-            f'credentials_file = "{creds}"\n[signing]\nsecret_key_file = "{key}"\n'
-            f'[gc]\ncollect = false\n[substituter]\nlisten = "127.0.0.1:{port}"\n'
-        )
-        (state / "gcroots").mkdir(parents=True)
+        settings = (f'[s3]\nbucket = "{bucket}"\nendpoint = "{endpoint}"\ncredentials_file = "{creds}"\n'
+                    f'[signing]\nsecret_key_file = "{key}"\n')  # fmt: skip
+        # The default (narinfo cache only), and with the NAR cache on.
+        plain = Daemon(workdir, "plain", settings, nar_cache_mb=0)
+        nars = Daemon(workdir, "nars", settings, nar_cache_mb=2048)
+        daemons = [plain, nars]
         print("pushing…", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "nixcache.cli", "push", "--config", str(config), top],
+        subprocess.run([sys.executable, "-m", "nixcache.cli", "push", "--config", str(plain.config), top],
                        check=True, capture_output=True)  # fmt: skip
-        # A fresh daemon: its VmHWM is the substitutions' peak (plus its start-up).
-        with open(workdir / "substitute-daemon.log", "w") as log:
-            daemon = subprocess.Popen([sys.executable, "-m", "nixcache.cli", "serve", "--config", str(config)],
-                                      stderr=log)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (state / "run" / "control.sock").exists():
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("the daemon did not start (see substitute-daemon.log)")
-            time.sleep(0.2)
-        proxy_url, direct_url = f"http://127.0.0.1:{port}", f"{endpoint}/{bucket}"
-        cache_dir = state / "substituter"
-        rounds = []
+        for daemon in daemons:  # fresh daemons: their VmHWM is the substitutions' peak (plus start-up)
+            daemon.start()
+        direct_url = f"{endpoint}/{bucket}"
+        runs = {  # name: (daemon or None for direct, empty its narinfo cache, empty its NAR cache)
+            "direct": (None, False, False),
+            "cold": (plain, True, False),
+            "warm": (plain, False, False),
+            "nars_cold": (nars, True, True),
+            "nars_warm": (nars, False, False),
+        }
+        rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            times, requests = {}, {}
-            # Alternate who goes first; the warm run follows the cold one (its narinfos cached).
-            for name in ["direct", "cold", "warm"] if r % 2 == 0 else ["cold", "warm", "direct"]:
-                if name == "cold":  # the narinfo cache emptied (safe to delete at any time)
-                    for entry in cache_dir.glob("*/*.narinfo"):
-                        entry.unlink()
-                before = daemon_requests(config)
+            times, requests, cpu = {}, {}, {}
+            # Alternate who goes first; a warm run follows its cold one (its caches filled).
+            order = list(runs) if r % 2 == 0 else ["cold", "warm", "nars_cold", "nars_warm", "direct"]
+            for name in order:
+                daemon, narinfos, nar_files = runs[name]
+                if daemon is not None:
+                    daemon.empty(narinfos, nar_files)
+                    before, cpu_before = daemon_requests(daemon.config), cpu_seconds(daemon.pid)
                 print(f"round {r + 1}: {name}…", file=sys.stderr)
-                url = direct_url if name == "direct" else proxy_url
+                url = direct_url if daemon is None else daemon.url
                 times[name] = substitute(url, top, workdir / "dest", public, workdir / "client-cache")
-                after = daemon_requests(config)
-                requests[name] = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
-            rounds.append({"direct_s": round(times["direct"], 2), "cold_s": round(times["cold"], 2),
-                           "warm_s": round(times["warm"], 2), "cold_requests": requests["cold"],
-                           "warm_requests": requests["warm"]})  # fmt: skip
+                if daemon is not None:
+                    after = daemon_requests(daemon.config)
+                    requests[name] = {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
+                    cpu[name] = round(cpu_seconds(daemon.pid) - cpu_before, 2)
+            rounds.append({**{f"{n}_s": round(t, 2) for n, t in times.items()},
+                           **{f"{n}_requests": q for n, q in requests.items()},
+                           **{f"{n}_daemon_cpu_s": c for n, c in cpu.items()}})  # fmt: skip
 
         def ratio(kind: str) -> float:
             return round(statistics.median(r["direct_s"] / r[f"{kind}_s"] for r in rounds), 3)
 
         result = {
             "paths": n_paths, "nar_mb": round(nar_bytes / 1e6), "rounds": rounds,
-            "ratio_direct_over_proxy_cold": ratio("cold"), "ratio_direct_over_proxy_warm": ratio("warm"),
-            "daemon_peak_rss_mb": round(peak_rss_mb(daemon.pid), 1),
+            **{f"ratio_direct_over_{kind}": ratio(kind) for kind in runs if kind != "direct"},
+            "daemon_peak_rss_mb": {d.state.name: round(peak_rss_mb(d.pid), 1) for d in daemons},
             "requests_per_path_cold": round(statistics.median(sum(r["cold_requests"].values()) for r in rounds)
                                             / n_paths, 2),
             # GETs beyond nix-cache-info and one NAR per path, with the narinfos cached:
             "narinfo_gets_warm": max(r["warm_requests"].get("GetObject", 0) - n_paths - 1 for r in rounds),
+            "gets_warm_with_nar_cache": max(r["nars_warm_requests"].get("GetObject", 0) for r in rounds),
         }  # fmt: skip
     finally:
-        for process in (daemon, latency):
-            if process is not None:
-                process.terminate()
-                process.wait(30)
+        for daemon in daemons:
+            daemon.stop()
+        if latency is not None:
+            latency.terminate()
+            latency.wait(30)
         weed.stop()
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
@@ -155,14 +206,14 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(f"\n| {n_paths} paths, {nar_bytes / 1e6:.0f} MB | wall (median of {args.rounds}) | ratio |\n|---|---|---|")
     print(f"| `nix copy --from` the bucket directly | {statistics.median(r['direct_s'] for r in rounds):.2f} s | 1 |")
-    for kind in ("cold", "warm"):
-        print(
-            f"| through the daemon, narinfo cache {kind} | {statistics.median(r[f'{kind}_s'] for r in rounds):.2f} s "
-            f"| {result[f'ratio_direct_over_proxy_{kind}']} |"
-        )
+    for kind in runs:
+        if kind != "direct":
+            median = statistics.median(r[f"{kind}_s"] for r in rounds)
+            print(f"| through the daemon, {kind} | {median:.2f} s | {result[f'ratio_direct_over_{kind}']} |")
     print(
         f"daemon peak RSS {result['daemon_peak_rss_mb']} MB; S3 requests per path through the daemon (cold): "
-        f"{result['requests_per_path_cold']}; narinfo GETs with the cache warm: {result['narinfo_gets_warm']}"
+        f"{result['requests_per_path_cold']}; narinfo GETs with the cache warm: {result['narinfo_gets_warm']}; "
+        f"GETs with both caches warm: {result['gets_warm_with_nar_cache']}"
     )
 
 
