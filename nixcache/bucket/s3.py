@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiobotocore.session
-import botocore.httpsession
+import aiohttp
 import botocore.utils
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -73,6 +73,8 @@ def _mapped(where: str, *tolerated: int | str) -> Iterator[None]:
     swallowed: the code after the block then returns the "absent"/"condition failed" value."""
     try:
         yield
+    except aiohttp.ClientError as e:  # a body cut or stalled while read: aiobotocore leaves those raw
+        raise S3Error(f"{where}: {type(e).__name__}: {e}") from None
     except (ClientError, BotoCoreError) as e:
         if isinstance(e, ClientError) and (
             e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in tolerated
@@ -141,24 +143,17 @@ class S3:
         client.meta.events.register("after-call.s3", self._finished)
         client.meta.events.register("after-call-error.s3", self._finished)
         self._client = client
-        credentials = await session.get_credentials()
-
-        async def frozen() -> Any:
-            return None if credentials is None else await credentials.get_frozen_credentials()
-
-        # The client's own URL for a key "k" (endpoint, addressing style), without "k": no request.
-        presigned = await client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": "k"})
         self._reads = await self._stack.enter_async_context(
             SignedGets(
-                presigned.split("?", 1)[0][:-1],
-                client.meta.region_name,
-                frozen,
+                client,
+                session,
+                self.bucket,
                 lambda: self._count("before-send.s3.GetObject"),
                 _HINTS,
                 attempts=self.cfg.max_attempts,
                 connect_timeout=self.cfg.connect_timeout,
                 read_timeout=self.cfg.read_timeout,
-                ca_bundle=botocore.httpsession.get_cert_path(session.get_config_variable("ca_bundle") or True),
+                user_agent=f"nixcache/{__version__}",
             )
         )
         return self
@@ -228,10 +223,15 @@ class S3:
         the body is read inside the block, in bounded memory; leaving early drops the connection.
         A lean signed GET (see :mod:`nixcache.bucket.signed_get`)."""
         assert self._reads is not None, "use `async with S3(...)`"
-        started = time.monotonic()
-        async with self._reads.get(key, f"s3://{self.bucket}/{key}") as got:
-            metrics.S3_SECONDS.labels("GetObject").observe(time.monotonic() - started)
-            yield got
+        started, answered = time.monotonic(), False
+        try:
+            async with self._reads.get(key, f"s3://{self.bucket}/{key}") as got:
+                answered = True
+                metrics.S3_SECONDS.labels("GetObject").observe(time.monotonic() - started)
+                yield got
+        finally:
+            if not answered:  # failed calls take time too, as botocore's are observed
+                metrics.S3_SECONDS.labels("GetObject").observe(time.monotonic() - started)
 
     async def put(
         self,

@@ -6,8 +6,10 @@ CPU on a small machine (parameter validation, a dozen event hooks, response pars
 ~0.5 ms for the same request signed by botocore's own SigV4 signer and sent on a plain aiohttp
 session. So reads go that way: the same signer, credentials (refreshed as botocore refreshes
 them), endpoint and addressing style (the URL comes from the client), certificate bundle,
-timeouts and retries (botocore's "standard" mode: connection errors, 5xx and 429, exponential
-backoff with jitter, ``max_attempts``). Every attempt is counted by the caller's ``counted``.
+timeouts and retries (botocore's "standard" mode: connection errors, 5xx and 429, its transient
+and throttling error codes, exponential backoff with jitter, ``max_attempts``); the bytes as
+stored (``Accept-Encoding: identity``), no redirect followed. Every request that reaches the
+wire is counted by the caller's ``counted``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,37 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 import aiohttp
+import botocore.httpsession
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, ClientError
 from yarl import URL
 
 from nixcache.errors import S3Error
 
 RETRIED = frozenset({429, 500, 502, 503, 504})
+RETRIED_CODES = frozenset(
+    # botocore.retries.standard: TransientRetryableChecker, ThrottledRetryableChecker (a test
+    # compares them)
+    [
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "EC2ThrottledException",
+    ]
+)
 MAX_BACKOFF = 20.0  # botocore's standard mode
 CHUNK = 1 << 16
 """Read buffer and largest chunk (aiohttp's default; 4× was measured: no less CPU)."""
@@ -55,56 +80,88 @@ class Reading(NamedTuple):
 
 
 class SignedGets:
-    """GETs of ``base + key`` signed with ``credentials()`` for ``region``."""
+    """GETs of the objects of ``bucket``, signed as ``client`` signs (the aiobotocore client of
+    :class:`nixcache.bucket.s3.S3`, and its ``session``). Set up at the first read, so that
+    opening the bucket needs neither credentials nor the network, as before."""
 
     def __init__(
         self,
-        base: str,
-        region: str,
-        credentials: Callable[[], Any],
+        client: Any,
+        session: Any,
+        bucket: str,
         counted: Callable[[], None],
         hints: dict[str, str],
         *,
         attempts: int,
         connect_timeout: float,
         read_timeout: float,
-        ca_bundle: str | None,
+        user_agent: str,
     ) -> None:
-        self.base = base
-        self.region = region
-        self._credentials = credentials
+        self._client = client
+        self._botocore = session
+        self.bucket = bucket
         self._counted = counted
         self._hints = hints
         self.attempts = attempts
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
-        self._ca_bundle = ca_bundle
+        self._user_agent = user_agent
+        self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._credentials: Any = None
         self._proxy: str | None = None
+        self.base = ""
+        self.region = ""
 
     async def __aenter__(self) -> SignedGets:
-        context = await asyncio.to_thread(_verifying, self._ca_bundle)
-        # HTTP(S)_PROXY and NO_PROXY, as botocore: looked up once (aiohttp's trust_env would
-        # look them up, and ~/.netrc, in a thread for every request).
-        self._proxy = await asyncio.to_thread(_proxy_for, self.base)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=context),
-            timeout=self._timeout,
-            read_bufsize=CHUNK,
-            auto_decompress=False,  # the bytes as stored
-        )
         return self
 
     async def __aexit__(self, *_: object) -> None:
         if self._session is not None:
             await self._session.close()
 
+    async def _ready(self, where: str) -> aiohttp.ClientSession:
+        async with self._lock:
+            if self._session is None:
+                try:
+                    # The client's own URL for a key "k" (endpoint, addressing style), less "k".
+                    presigned = await self._client.generate_presigned_url(
+                        "get_object", Params={"Bucket": self.bucket, "Key": "k"}
+                    )
+                    self._credentials = await self._botocore.get_credentials()
+                    verify = self._botocore.get_config_variable("ca_bundle") or True
+                    context = await asyncio.to_thread(_verifying, botocore.httpsession.get_cert_path(verify))
+                    # HTTP(S)_PROXY and NO_PROXY, as botocore: looked up once (aiohttp's
+                    # trust_env would look them up, and ~/.netrc, in a thread for every request).
+                    self.base = presigned.split("?", 1)[0][:-1]
+                    self._proxy = await asyncio.to_thread(_proxy_for, self.base)
+                except (BotoCoreError, ClientError, OSError, ssl.SSLError) as e:
+                    raise S3Error(f"{where}: {e}") from None
+                self.region = self._client.meta.region_name
+                trace = aiohttp.TraceConfig()
+                trace.on_request_headers_sent.append(self._sent)
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=context),
+                    timeout=self._timeout,
+                    read_bufsize=CHUNK,
+                    # The bytes as stored: never a compressed copy a proxy or CDN might offer.
+                    headers={"Accept-Encoding": "identity", "User-Agent": self._user_agent},
+                    auto_decompress=False,
+                    trace_configs=[trace],
+                )
+            return self._session
+
+    async def _sent(self, *_: object) -> None:
+        """Every request that reaches the wire, aiohttp's own retry on a closed keep-alive
+        connection included: users pay for each."""
+        self._counted()
+
     async def _headers(self, url: str, where: str) -> dict[str, str]:
         try:
-            credentials = await self._credentials()
-        except BotoCoreError as e:  # a refresh that failed (expired SSO, unreachable IMDS…)
-            raise S3Error(f"{where}: {e}") from None
+            credentials = None if self._credentials is None else await self._credentials.get_frozen_credentials()
+        except (BotoCoreError, ClientError) as e:  # a refresh that failed (STS refused, SSO expired…)
+            raise S3Error(f"{where}: cannot get credentials: {e}") from None
         if credentials is None:
-            raise S3Error(f"{where}: no credentials: set credentials_file/profile or AWS_* variables")
+            raise S3Error(f"{where}: Unable to locate credentials")
         request = AWSRequest(method="GET", url=url)
         S3SigV4Auth(credentials, "s3", self.region).add_auth(request)
         return dict(request.headers.items())
@@ -113,42 +170,63 @@ class SignedGets:
     async def get(self, key: str, where: str) -> AsyncIterator[Reading | None]:
         """The object ``key`` as a stream, or None when it does not exist (404). Other answers
         and failures raise one :class:`S3Error` about ``where``, after the retries."""
-        assert self._session is not None, "use `async with SignedGets(...)`"
+        session = await self._ready(where)
         url = self.base + urllib.parse.quote(key, safe="/~")
         failure = ""
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(backoff(attempt))
-            self._counted()
+            headers = await self._headers(url, where)
             try:
-                response = await self._session.get(
-                    URL(url, encoded=True), headers=await self._headers(url, where), proxy=self._proxy
+                response = await session.get(
+                    URL(url, encoded=True), headers=headers, proxy=self._proxy, allow_redirects=False
                 )
             except (aiohttp.ClientError, TimeoutError) as e:
                 failure = f"{type(e).__name__}: {e}"
                 continue
             async with response:
-                if response.status in RETRIED:
-                    failure = f"HTTP {response.status}"
-                    continue
                 if response.status != 200:
-                    body = await response.content.read(4096)
-                    if response.status == 404 and b"<Code>NoSuchBucket</Code>" not in body:
+                    try:
+                        body = await _read_capped(response)
+                    except (aiohttp.ClientError, TimeoutError) as e:  # the error itself cut: retried
+                        failure = f"HTTP {response.status}, its answer cut: {type(e).__name__}: {e}"
+                        continue
+                    code = _code(body)
+                    if response.status in RETRIED or code in RETRIED_CODES:
+                        failure = f"{code} (HTTP {response.status})" if code else f"HTTP {response.status}"
+                        continue
+                    if response.status == 404 and code != "NoSuchBucket":
                         yield None
                         return
-                    raise self._error(response.status, body, where)
+                    raise self._error(response, code, where)
                 length = response.headers.get("Content-Length", "")
                 size = int(length) if length.isdigit() else -1
                 yield Reading(size, response.headers.get("ETag", ""), _chunks(response, where))
                 return
         raise S3Error(f"{where}: {failure} ({self.attempts} attempts)")
 
-    def _error(self, status: int, body: bytes, where: str) -> S3Error:
+    def _error(self, response: aiohttp.ClientResponse, code: str, where: str) -> S3Error:
         """Worded as :func:`nixcache.bucket.s3._describe` words botocore's errors."""
-        match = _CODE.search(body)
-        code = match.group(1).decode(errors="replace") if match else str(status)
+        status = response.status
+        code = code or str(status)
         hint = self._hints.get(code) or self._hints.get(str(status), "")
+        region = response.headers.get("x-amz-bucket-region")
+        if region and region != self.region:  # botocore would redirect; a clear line instead
+            hint = f"the bucket is in region {region}, not {self.region}: set s3.region (and its endpoint)"
         return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int = 1 << 16) -> bytes:
+    """An error's body, to its end (or ``cap`` bytes)."""
+    body = b""
+    while len(body) < cap and (chunk := await response.content.read(cap - len(body))):
+        body += chunk
+    return body
+
+
+def _code(body: bytes) -> str:
+    match = _CODE.search(body)
+    return match.group(1).decode(errors="replace") if match else ""
 
 
 def _proxy_for(url: str) -> str | None:

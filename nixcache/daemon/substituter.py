@@ -277,6 +277,8 @@ class Substituter(State):
                 await response.write_eof()
                 if copy is not None:
                     await copy.finish()
+            except (S3Error, TimeoutError, ConnectionError) as e:
+                _cut(request, key, e)
             finally:
                 if copy is not None:
                     copy.abort()  # unless finished: a client gone, an error
@@ -293,12 +295,25 @@ class Substituter(State):
                 if transport is None:
                     raise ConnectionResetError("client gone")
                 loop = asyncio.get_running_loop()
-                async with asyncio.timeout(None) as stalled:
-                    for offset in range(0, size, SLICE):
-                        stalled.reschedule(loop.time() + STALL)
-                        await loop.sendfile(transport, f, offset, min(SLICE, size - offset))
+                try:
+                    async with asyncio.timeout(None) as stalled:
+                        for offset in range(0, size, SLICE):
+                            stalled.reschedule(loop.time() + STALL)
+                            await loop.sendfile(transport, f, offset, min(SLICE, size - offset))
+                except (OSError, TimeoutError) as e:  # ConnectionError is an OSError
+                    _cut(request, key, e)
+                    return response
             await response.write_eof()
             return response
+
+
+def _cut(request: web.Request, key: str, error: BaseException) -> None:
+    """A body cut after its headers went: only closing the connection tells the client (never
+    a second answer written into the body, nor a keep-alive connection left waiting)."""
+    if not isinstance(error, ConnectionError):  # not the client gone: say why
+        log.warning("substituter.cut", key=key, error=str(error) or type(error).__name__)
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _raise_open_files(most: int = 65536) -> None:

@@ -8,18 +8,24 @@ before the login check."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import hashlib
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from nixcache.bucket.s3 import S3
 from nixcache.bucket.seaweed import SeaweedFS, free_port
 from nixcache.config import load_config
 from nixcache.daemon.service import Bucket as ServiceBucket
 from nixcache.daemon.service import Service
+from nixcache.formats import nix32
 from tests.harness import Bucket, Daemon, base_settings, new_bucket, write_config
 from tests.integration.test_substituter import request
 
@@ -267,3 +273,116 @@ def test_without_credentials_an_expect_header_is_answered_before_the_login_is_ch
         assert all(f.startswith(b"HTTP/1.1 401") for f in firsts), firsts
     finally:
         daemon.stop()
+
+
+# ---- the bucket's answer cut or re-encoded on its way (a second review, of the lean reads) -------------
+
+
+class CuttingProxy:
+    """A reverse proxy in front of the real bucket (the Host header kept: signatures stay valid)
+    that drops the connection after ``cut_after`` bytes of a NAR, and gzips what it may (as an
+    nginx or a CDN with gzip on does when the request allows it)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.cut_after: int | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self.session is not None
+        hop = {"connection", "keep-alive", "transfer-encoding", "accept-encoding"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
+        async with self.session.get(self.upstream + request.raw_path, headers=headers, allow_redirects=False) as up:
+            body = await up.read()
+        if "gzip" in request.headers.get("Accept-Encoding", "") and up.status == 200:
+            return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+        if self.cut_after is not None and "/nar/" in request.path and up.status == 200:
+            response = web.StreamResponse(headers={"Content-Length": str(len(body))})
+            await response.prepare(request)
+            await response.write(body[: self.cut_after])
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        return web.Response(status=up.status, body=body)
+
+    async def start(self, port: int) -> None:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.session is not None:
+            await self.session.close()
+
+
+def keep_alive_get(port: int, path: str) -> tuple[float, bytes]:
+    """As Nix asks: HTTP/1.1, keep-alive. How long until the connection ends, and what came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got, started = b"", time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 16):
+                got += chunk
+        return time.monotonic() - started, got
+
+
+def test_a_nar_the_bucket_cuts_ends_the_connection_at_once_and_is_not_kept(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """The bucket's connection drops mid-NAR, after the daemon sent the headers. The first lean
+    reads caught that as an S3Error and answered 502, which aiohttp wrote into the NAR's body;
+    on a keep-alive connection the client then waited for the missing bytes until its own
+    timeout (400 s in the review). Now the connection is closed at once, and nothing is kept."""
+    real = new_bucket(private_server.endpoint)
+    nar = bytes(range(256)) * 4096
+    nar_key = "nar/" + "1" * 52 + ".nar"
+    narinfo = narinfo_of("cut").replace(f"nar/{'0' * 52}.nar".encode(), nar_key.encode())
+    file_hash = "sha256:" + nix32.encode(hashlib.sha256(nar).digest())
+    narinfo += f"FileHash: {file_hash}\nFileSize: {len(nar)}\n".encode()
+    real.client.put_object(Bucket=real.name, Key=nar_key, Body=nar)
+    real.client.put_object(Bucket=real.name, Key=NARINFO, Body=narinfo)
+    proxy_port, port = free_port(), free_port()
+    proxy = CuttingProxy(private_server.endpoint)
+    settings = settings_for(tmp_path, Bucket(f"http://127.0.0.1:{proxy_port}", real.name), signing_key, port,
+                            nar_cache_mb=64)  # fmt: skip
+    cfg, cfg_file = load_config(write_config(tmp_path / "config.toml", settings))
+
+    async def go() -> None:
+        await proxy.start(proxy_port)
+        svc = await in_process(cfg, cfg_file)
+        try:
+            # aiohttp's client asks for gzip, the daemon must not: the bytes as stored
+            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/{NARINFO}") as resp:
+                assert (resp.status, await resp.read()) == (200, narinfo)
+            proxy.cut_after = 300_000
+            took, got = await asyncio.to_thread(keep_alive_get, port, "/" + nar_key)
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(nar)}".encode() in head
+            assert took < 5, f"the client waited {took:.0f} s for bytes that will never come"
+            assert len(body) < len(nar) and b"HTTP/1.1" not in body and nar.startswith(body)
+            assert not list((tmp_path / "state" / "substituter" / "nars").iterdir()), "a cut NAR kept"
+            proxy.cut_after = None  # the bucket whole again: served and kept
+            took, got = await asyncio.to_thread(keep_alive_get_whole, port, "/" + nar_key)
+            assert got.partition(b"\r\n\r\n")[2] == nar
+            await asyncio.sleep(0.2)
+            assert [f.name for f in (tmp_path / "state" / "substituter" / "nars").iterdir()] == [nar_key[4:]]
+        finally:
+            await shutdown(svc)
+            await proxy.stop()
+
+    asyncio.run(go())
+
+
+def keep_alive_get_whole(port: int, path: str) -> tuple[float, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        got, started = b"", time.monotonic()
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        return time.monotonic() - started, got

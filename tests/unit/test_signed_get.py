@@ -129,7 +129,7 @@ def test_5xx_and_429_are_retried_and_every_attempt_counted(tmp_path: Path) -> No
 def test_retries_give_up_with_one_clear_error(tmp_path: Path) -> None:
     flaky = Flaky([503, 503, 503])
     cfg = flaky_config(tmp_path, attempts=3)
-    with pytest.raises(S3Error, match=r"s3://t-flaky/k: HTTP 503 \(3 attempts\)"):
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: Code503 \(HTTP 503\) \(3 attempts\)"):
         asyncio.run(flaky.serve(cfg, lambda s3: s3.fetch("k")))
     assert flaky.statuses == [] and len(flaky.seen) == 3
 
@@ -173,6 +173,7 @@ def test_the_url_is_the_clients_own(tmp_path: Path, style: str, base: str) -> No
     async def main() -> str:
         async with S3(cfg) as s3:  # no request is made: the URL comes from a presigned one
             assert s3._reads is not None
+            await s3._reads._ready("here")
             return s3._reads.base
 
     assert asyncio.run(main()) == base
@@ -184,3 +185,152 @@ def test_proxies_are_looked_up_once_as_botocore_does(monkeypatch: pytest.MonkeyP
     assert signed_get._proxy_for("https://s3.example.test/b/") == "http://proxy.test:3128"
     assert signed_get._proxy_for("https://s3.internal.test/b/") is None
     assert signed_get._proxy_for("http://s3.example.test/b/") is None  # no HTTP_PROXY
+
+
+# ---- from an adversarial review (a helper session): each failed on the first version ----------------
+
+
+class Raw:
+    """An endpoint answering each request with the next of ``answers`` (raw HTTP bytes; b"" closes
+    the connection without answering, ``<CLOSE>`` at the end closes it after answering,
+    ``<PAUSE>`` waits a little), then ``200 ok``. Records every request's head."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.heads: list[bytes] = []
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+                answer = self.answers.pop(0) if self.answers else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                if not answer:
+                    writer.close()
+                    return
+                for piece in answer.removesuffix(b"<CLOSE>").split(b"<PAUSE>"):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                if answer.endswith(b"<CLOSE>"):
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def run(self, tmp_path: Path, go: Any, attempts: int = 3) -> Any:
+        cfg = flaky_config(tmp_path, attempts)
+        assert cfg.endpoint is not None
+
+        async def main() -> Any:
+            server = await asyncio.start_server(self._client, "127.0.0.1", int(cfg.endpoint.rsplit(":", 1)[1]))
+            try:
+                async with S3(cfg) as s3:
+                    return await go(s3)
+            finally:
+                server.close()
+
+        return asyncio.run(main())
+
+
+def error(status: str, code: str, extra: str = "") -> bytes:
+    body = f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+    return f"HTTP/1.1 {status}\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_error_codes_are_retried_as_botocores_standard_mode_does(tmp_path: Path) -> None:
+    from botocore.retries.standard import ThrottledRetryableChecker, TransientRetryableChecker
+
+    botocores = TransientRetryableChecker._TRANSIENT_ERROR_CODES + ThrottledRetryableChecker._THROTTLED_ERROR_CODES
+    assert set(botocores) == signed_get.RETRIED_CODES
+    raw = Raw(error("400 Bad Request", "RequestTimeout"), error("403 Forbidden", "SlowDown"))
+    assert raw.run(tmp_path, lambda s3: s3.fetch("k")) == b"ok"
+    assert len(raw.heads) == 3
+
+
+def test_a_missing_bucket_is_an_error_however_its_answer_is_cut_in_pieces(tmp_path: Path) -> None:
+    rest = b"<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>"
+    answer = (
+        b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'27\r\n<?xml version="1.0" encoding="UTF-8"?>\n\r\n<PAUSE>' + b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest)
+    )
+    with pytest.raises(S3Error, match="NoSuchBucket"):
+        Raw(answer).run(tmp_path, lambda s3: s3.fetch("k"))
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_an_error_whose_answer_is_cut_is_retried_then_one_clear_error(tmp_path: Path) -> None:
+    cut = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 500\r\n\r\n<Error>"  # then the connection closes
+    raw = Raw(cut + b"<CLOSE>", cut + b"<CLOSE>")
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: .*\(2 attempts\)"):
+        raw.run(tmp_path, lambda s3: s3.fetch("k"), attempts=2)
+
+
+def test_redirects_are_not_followed_and_every_request_on_the_wire_is_counted(tmp_path: Path) -> None:
+    elsewhere = error("307 Temporary Redirect", "TemporaryRedirect", "Location: http://127.0.0.1:9/x\r\n")
+    raw = Raw(elsewhere, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", b"")
+
+    async def go(s3: S3) -> list[Any]:
+        out: list[Any] = []
+        with pytest.raises(S3Error, match=r"TemporaryRedirect \(HTTP 307\)"):
+            await s3.fetch("k")
+        out.append(await s3.fetch("k"))  # on the kept connection
+        # The server then closes that connection without answering: aiohttp sends again, by itself.
+        out.append(await s3.fetch("k"))
+        out.append(s3.requests["GetObject"])
+        return out
+
+    assert raw.run(tmp_path, go) == [b"a", b"ok", 4]
+    assert len(raw.heads) == 4
+
+
+def test_the_bytes_as_stored_never_a_compressed_copy(tmp_path: Path) -> None:
+    raw = Raw()
+    assert raw.run(tmp_path, lambda s3: s3.fetch("k")) == b"ok"
+    head = raw.heads[0].decode().lower()
+    assert "accept-encoding: identity\r\n" in head and "user-agent: nixcache/" in head
+
+
+def test_a_bucket_in_another_region_is_named_in_the_error(tmp_path: Path) -> None:
+    wrong = error("400 Bad Request", "AuthorizationHeaderMalformed", "x-amz-bucket-region: eu-central-1\r\n")
+    with pytest.raises(S3Error, match=r"the bucket is in region eu-central-1, not us-east-1: set s3\.region"):
+        Raw(wrong).run(tmp_path, lambda s3: s3.fetch("k"))
+
+
+def test_opening_the_bucket_needs_no_credentials_and_a_read_says_they_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a link-local address
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    cfg = flaky_config(tmp_path, attempts=1)
+    (tmp_path / "credentials").write_text("")
+
+    async def main() -> None:
+        async with S3(cfg) as s3:  # opening: no error
+            await s3.fetch("k")
+
+    with pytest.raises(S3Error, match="s3://t-flaky/k: Unable to locate credentials"):
+        asyncio.run(main())
+
+
+def test_credentials_that_fail_to_refresh_are_one_clear_error_and_no_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiobotocore.credentials import AioCredentials
+    from botocore.exceptions import ClientError
+
+    async def refused(self: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "AssumeRoleWithWebIdentity")
+
+    monkeypatch.setattr(AioCredentials, "get_frozen_credentials", refused)
+    raw = Raw()
+
+    async def go(s3: S3) -> None:
+        await s3.fetch("k")
+
+    # At the first read (the URL is presigned) or any later one (cannot get credentials: …)
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: .*AccessDenied.*AssumeRoleWithWebIdentity"):
+        raw.run(tmp_path, go)
+    assert raw.heads == []
