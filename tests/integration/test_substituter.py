@@ -215,8 +215,9 @@ def test_a_thousand_slow_clients_neither_stop_uploads_nor_other_clients(
     tmp_path: Path, private_server: SeaweedFS, signing_key: Key
 ) -> None:
     """1,000 connections that never finish their request, and 20 that read a NAR and then stop
-    reading: the daemon keeps pushing what the hook hands it (clients hold at most half the S3
-    connection pool), answers another client, and its memory stays bounded."""
+    reading: the daemon keeps pushing what the hook hands it (clients' reads have connections
+    of their own, at most 32, never the uploads'), answers another client, and its memory stays
+    bounded."""
     bucket = new_bucket(private_server.endpoint)
     daemon, port = serving(tmp_path, bucket, signing_key)
     first = nix_build(tmp_path, hook=write_hook_script(tmp_path, daemon.config), size=4 << 20)
