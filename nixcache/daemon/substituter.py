@@ -43,8 +43,10 @@ STREAMS = 32
 SLOT_WAIT = 30.0
 STALL = 60.0
 """A client that accepts no data for this long is dropped (its stream slot is freed)."""
-SLICE = 1 << 22
-"""A cached NAR is sent (sendfile) this much at a time, the stall timer moved between slices."""
+SLICE = 1 << 18
+"""A kept NAR is sent (sendfile) this much at a time, the stall timer moved between slices: a
+client slower than SLICE per STALL (4 KiB/s) is dropped, as one slower than a bucket chunk per
+STALL is."""
 
 
 class Named(NamedTuple):
@@ -93,11 +95,13 @@ class Substituter(State):
         self._caching = settings.narinfo_cache  # the [substituter] settings need a restart
         _raise_open_files()
         self._misses: OrderedDict[str, float] = OrderedDict()
-        self._named_by: dict[str, Named] = {}
+        self._named_by: dict[str, Named] = {}  # NAR key → what the narinfo last served of it says
+        self._nar_of: dict[str, str] = {}  # narinfo hash → its NAR key
         self._streams = asyncio.Semaphore(STREAMS)
-        # NARs are named by their content: kept across restarts and buckets.
-        budget = settings.nar_cache_mb << 20
-        self._nars = NarCache(self.cfg.state_dir / "substituter" / "nars", budget) if budget else None
+        # Kept files are named by their bytes' hash: kept across restarts and buckets. Off, the
+        # directory is emptied.
+        nars = NarCache(self.cfg.state_dir / "substituter" / "nars", settings.nar_cache_mb << 20)
+        self._nars = nars if settings.nar_cache_mb else None
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._serve, expect_handler=self._expect)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -117,6 +121,7 @@ class Substituter(State):
         if bucket.target != self._cached_target:  # what was known of another bucket goes
             self._misses.clear()
             self._named_by.clear()
+            self._nar_of.clear()
             self._cached_target = bucket.target
             self._cache = None
             if self._caching:
@@ -124,14 +129,23 @@ class Substituter(State):
                 self._cache = NarinfoCache(self.cfg.state_dir / "substituter" / digest)
                 self._cache.clear()  # written before this process learnt the records: not trusted
         cache = self._cache
-        if cache is None or bucket.uploader is None:
+        if bucket.uploader is None:
             return
 
         def evict(paths: Iterable[str], everything: bool) -> None:
-            if everything:
-                cache.clear()
-            else:
+            if everything:  # the narinfos are read again: a NAR is served only for a narinfo served
+                self._named_by.clear()
+                self._nar_of.clear()
+                if cache is not None:
+                    cache.clear()
+                return
+            paths = list(paths)
+            if cache is not None:
                 cache.forget(paths)
+            keys = [key for path in paths if (key := self._nar_of.pop(path, None)) is not None]
+            gone = [named.file_hash for key in keys if (named := self._named_by.pop(key, None)) is not None]
+            if self._nars is not None:  # a path deleted by mistake (a secret) leaves this disk too
+                self._nars.forget(gone)
 
         bucket.uploader.records.listeners.append(evict)  # a reload to the same bucket adopts it
 
@@ -181,8 +195,11 @@ class Substituter(State):
         bucket = self.bucket
         assert bucket is not None
         digest = layout.hash_of_narinfo_key(key)
-        if digest is None and self._nars is not None and (cached := self._nars.open(key)) is not None:
-            return await self._send_file(request, key, *cached)
+        named = self._named_by.get(key) if digest is None else None
+        if named is not None and self._nars is not None:  # kept, and named by a narinfo just served
+            with self._nars.reading(named.file_hash, named.file_size) as kept:
+                if kept is not None:
+                    return await self._send_file(request, key, kept, named.file_size)
         cache = self._cache
         if digest is not None and cache is not None and bucket.uploader is not None:
             if bucket.uploader.records.stale:  # may have missed deletions: nothing cached is trusted
@@ -244,8 +261,12 @@ class Substituter(State):
         named = Named(digest, file_hash.strip(), int(size) if size.strip().isdigit() else -1)
         self._named_by.pop(url, None)  # the newest last: the oldest are forgotten first
         self._named_by[url] = named
+        self._misses.pop(url, None)  # named again (uploaded again): asked for again
+        self._nar_of[digest] = url
         while len(self._named_by) > MAX_MISSES:
             self._named_by.pop(next(iter(self._named_by)))
+        while len(self._nar_of) > MAX_MISSES:
+            self._nar_of.pop(next(iter(self._nar_of)))
 
     async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
         async with s3.reading(key) as reading:
@@ -262,7 +283,7 @@ class Substituter(State):
             await response.prepare(request)
             copy: Writer | None = None
             if self._nars is not None and named is not None and named.file_size == reading.size:
-                copy = self._nars.writer(key, reading.size, named.file_hash)
+                copy = self._nars.writer(named.file_hash, reading.size)
             loop = asyncio.get_running_loop()
             try:
                 # Waits for a slow client (memory stays bounded), but not for ever: STALL from
@@ -272,7 +293,7 @@ class Substituter(State):
                         stalled.reschedule(loop.time() + STALL)
                         await response.write(chunk)
                         if copy is not None:
-                            await copy.add(chunk)
+                            copy.add(chunk)
                     stalled.reschedule(None)
                 await response.write_eof()
                 if copy is not None:

@@ -366,12 +366,13 @@ def test_a_nar_the_bucket_cuts_ends_the_connection_at_once_and_is_not_kept(
             assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(nar)}".encode() in head
             assert took < 5, f"the client waited {took:.0f} s for bytes that will never come"
             assert len(body) < len(nar) and b"HTTP/1.1" not in body and nar.startswith(body)
-            assert not list((tmp_path / "state" / "substituter" / "nars").iterdir()), "a cut NAR kept"
+            nars = tmp_path / "state" / "substituter" / "nars"
+            assert not nars.exists() or not list(nars.iterdir()), "a cut NAR kept"
             proxy.cut_after = None  # the bucket whole again: served and kept
             took, got = await asyncio.to_thread(keep_alive_get_whole, port, "/" + nar_key)
             assert got.partition(b"\r\n\r\n")[2] == nar
             await asyncio.sleep(0.2)
-            assert [f.name for f in (tmp_path / "state" / "substituter" / "nars").iterdir()] == [nar_key[4:]]
+            assert [f.name for f in nars.iterdir()] == [file_hash[7:]], "kept, named by its bytes"
         finally:
             await shutdown(svc)
             await proxy.stop()
@@ -386,3 +387,58 @@ def keep_alive_get_whole(port: int, path: str) -> tuple[float, bytes]:
         while chunk := s.recv(1 << 16):
             got += chunk
         return time.monotonic() - started, got
+
+
+def test_a_kept_nar_is_served_only_for_a_narinfo_of_the_bucket_in_use_and_goes_with_its_path(
+    tmp_path: Path, private_server: SeaweedFS, signing_key: Key
+) -> None:
+    """From the second review: kept bytes outlived their path (a collection learnt of, and the
+    NAR still downloadable by any client holding the narinfo: a secret pushed by mistake stayed
+    served) and their bucket (after a reload to a bucket that never held them)."""
+    a, b = new_bucket(private_server.endpoint), new_bucket(private_server.endpoint)
+    nar = bytes(range(256)) * 1024
+    nar_key = "nar/" + "2" * 52 + ".nar"
+    file_hash = "sha256:" + nix32.encode(hashlib.sha256(nar).digest())
+    narinfo = narinfo_of("kept").replace(f"nar/{'0' * 52}.nar".encode(), nar_key.encode())
+    narinfo += f"FileHash: {file_hash}\nFileSize: {len(nar)}\n".encode()
+    for bucket in (a, b):
+        bucket.client.put_object(Bucket=bucket.name, Key=NARINFO, Body=narinfo)
+    a.client.put_object(Bucket=a.name, Key=nar_key, Body=nar)
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", settings_for(tmp_path, a, signing_key, port, nar_cache_mb=64))
+    cfg, cfg_file = load_config(config)
+    kept = tmp_path / "state" / "substituter" / "nars" / file_hash[7:]
+
+    async def get(session: aiohttp.ClientSession, path: str) -> tuple[int, bytes]:
+        async with session.get(f"http://127.0.0.1:{port}/{path}") as resp:
+            return resp.status, await resp.read()
+
+    async def go() -> None:
+        svc = await in_process(cfg, cfg_file)
+        try:
+            async with aiohttp.ClientSession() as session:
+                assert await get(session, NARINFO) == (200, narinfo)
+                assert await get(session, nar_key) == (200, nar)
+                await asyncio.sleep(0.2)
+                assert kept.read_bytes() == nar
+                a.client.delete_object(Bucket=a.name, Key=nar_key)  # gone from the bucket, still named
+                assert await get(session, nar_key) == (200, nar), "served from the disk"
+                assert svc.bucket is not None and svc.bucket.uploader is not None
+                svc.bucket.uploader.records.learn({H})  # its path collected (this daemon's collection)
+                assert not kept.exists(), "the bytes of a collected path stay on this disk"
+                assert (await get(session, nar_key))[0] == 404, "a collected path's NAR still served"
+
+                a.client.put_object(Bucket=a.name, Key=nar_key, Body=nar)
+                assert await get(session, NARINFO) == (200, narinfo)
+                assert await get(session, nar_key) == (200, nar)
+                await asyncio.sleep(0.2)
+                assert kept.exists()
+                write_config(config, settings_for(tmp_path, b, signing_key, port, nar_cache_mb=64))  # then SIGHUP
+                await svc.reload()
+                assert svc.bucket.target[2] == b.name
+                assert (await get(session, nar_key))[0] == 404, "bucket B never held this NAR"
+                assert kept.exists(), "kept: the bytes are right wherever a narinfo names them"
+        finally:
+            await shutdown(svc)
+
+    asyncio.run(go())
