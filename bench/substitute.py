@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nixcache-bench")
     ap.add_argument("--latency-ms", type=int, default=0,
                     help="one-way delay added to every bucket request, both paths (a remote bucket)")  # fmt: skip
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds between substitutions: the daemon finishes writing the NARs it copies "
+                         "(fsync) after the client has them; a copy still in progress is not made twice")  # fmt: skip
     args = ap.parse_args()
     workdir: Path = args.workdir
     top, n_paths, nar_bytes = prepare(workdir, args.size_mb, args.paths)
@@ -168,6 +171,7 @@ def main() -> None:
                 if daemon is not None:
                     daemon.empty(narinfos, nar_files)
                     before, cpu_before = daemon_requests(daemon.config), cpu_seconds(daemon.pid)
+                time.sleep(args.settle)
                 print(f"round {r + 1}: {name}…", file=sys.stderr)
                 url = direct_url if daemon is None else daemon.url
                 times[name] = substitute(url, top, workdir / "dest", public, workdir / "client-cache")

@@ -293,7 +293,7 @@ class Substituter(State):
                         stalled.reschedule(loop.time() + STALL)
                         await response.write(chunk)
                         if copy is not None:
-                            copy.add(chunk)
+                            await copy.add(chunk)
                     stalled.reschedule(None)
                 await response.write_eof()
                 if copy is not None:

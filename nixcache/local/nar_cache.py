@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from nixcache.formats import nix32
+from nixcache.logs import get
+
+log = get("nixcache.local.nar_cache")
 
 LARGEST = 8
 """A NAR over 1/LARGEST of the budget is not kept: one NAR never empties the cache."""
@@ -33,8 +36,10 @@ COPYING = 4
 BATCH = 1 << 20
 """Bytes handed to the writing thread at once."""
 SLACK = 4 << 20
-"""A copy whose disk is this far behind the client is dropped: a slow disk never slows a
-client down, and holds at most this much memory per copy."""
+"""How far a copy's disk may fall behind the client (memory held per copy) before the client's
+next chunk waits for it, for at most LAG; then the copy is dropped: a slow disk delays a client
+once by LAG at the most, never stalls it."""
+LAG = 1.0
 _NAME_LENGTH = nix32.encoded_length(32)
 
 
@@ -168,16 +173,26 @@ class Writer:
         self._writing: asyncio.Future[None] | None = None
         self._ended = False
 
-    def add(self, chunk: bytes) -> None:
-        """Queue ``chunk``; BATCH bytes at a time go to a thread, never waited for here."""
+    async def add(self, chunk: bytes) -> None:
+        """Queue ``chunk``; BATCH bytes at a time go to a thread (see SLACK and LAG)."""
         if self._ended:
             return
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
-        if self._pending_bytes >= BATCH and (self._writing is None or self._writing.done()):
-            self._write_pending()
-        elif self._pending_bytes >= SLACK:
-            self.abort()  # the disk is slower than the client: drop the copy, not the client
+        if self._pending_bytes < BATCH:
+            return
+        if self._writing is not None and not self._writing.done():
+            if self._pending_bytes < SLACK:
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writing), LAG)
+            except TimeoutError:
+                log.info("nar_cache.copy_dropped", file=self.name, reason=f"the disk is over {LAG} s behind the client")
+                self.abort()  # drop the copy, not the client
+                return
+            except OSError:
+                pass  # seen by _write_pending
+        self._write_pending()
 
     def _write_pending(self) -> None:
         if self._writing is not None and self._writing.exception() is not None:  # a full disk…

@@ -94,7 +94,7 @@ class NarCacheModel(RuleBasedStateMachine):
 
         async def go() -> bool:
             for start in range(0, len(sent), 7):
-                writer.add(sent[start : start + 7])
+                await writer.add(sent[start : start + 7])
             if how == "abandoned":
                 writer.abort()
                 return False
@@ -186,11 +186,12 @@ test_nar_cache_model = NarCacheModel.TestCase
 def test_a_slow_disk_drops_the_copy_never_the_client_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first batch's write takes 1 s: the client's chunks keep coming (add never waits), the
-    copy is dropped once SLACK is queued, and the temporary file and the reservation go only
-    when the thread is done with them (abort while it writes)."""
+    """The first batch's write does not end: the client's chunks keep coming until SLACK is
+    queued, then wait LAG once, and the copy is dropped; the temporary file and the reservation
+    go only when the thread is done with them (abort while it writes)."""
     monkeypatch.setattr(nar_cache, "BATCH", 1024)
     monkeypatch.setattr(nar_cache, "SLACK", 4096)
+    monkeypatch.setattr(nar_cache, "LAG", 0.3)
     content = os.urandom(64 * 1024)
     cache = NarCache(tmp_path, 1 << 20)
     written, released = threading.Event(), threading.Event()
@@ -208,8 +209,8 @@ def test_a_slow_disk_drops_the_copy_never_the_client_and_leaves_nothing(
         assert writer is not None
         started = time.monotonic()
         for start in range(0, len(content), 512):
-            writer.add(content[start : start + 512])
-        assert time.monotonic() - started < 0.5, "the client waited for the disk"
+            await writer.add(content[start : start + 512])
+        assert 0.3 <= time.monotonic() - started < 1.0, "the client waited for the disk more than LAG, once"
         assert writer._ended, "the copy was not dropped"
         assert await asyncio.to_thread(written.wait, 5)
         assert cache.used == len(content), "reservation released while the thread still writes"
@@ -240,7 +241,7 @@ def test_a_copy_is_durable_before_it_has_its_name(tmp_path: Path, monkeypatch: p
     async def go() -> bool:
         writer = cache.writer(file_hash(content), len(content))
         assert writer is not None
-        writer.add(content)
+        await writer.add(content)
         return await writer.finish()
 
     assert asyncio.run(go())
@@ -258,7 +259,7 @@ def test_a_file_being_read_is_never_dropped_to_make_room(tmp_path: Path) -> None
     async def copy(content: bytes) -> bool:
         writer = cache.writer(file_hash(content), len(content))
         assert writer is not None
-        writer.add(content)
+        await writer.add(content)
         return await writer.finish()
 
     for content in contents[:6]:  # the room for kept NARs: 3/4 of 512 bytes
