@@ -195,17 +195,20 @@ class Substituter(State):
         bucket = self.bucket
         assert bucket is not None
         digest = layout.hash_of_narinfo_key(key)
+        cache = self._cache
+        stale = bucket.uploader is None or bucket.uploader.records.stale
+        if stale:  # it may have missed deletions: nothing remembered of the bucket is trusted
+            self._named_by.clear()
+            self._nar_of.clear()
+            if cache is not None and digest is not None:
+                cache.clear()
         named = self._named_by.get(key) if digest is None else None
         if named is not None and self._nars is not None:  # kept, and named by a narinfo just served
             with self._nars.reading(named.file_hash, named.file_size) as kept:
                 if kept is not None:
                     return await self._send_file(request, key, kept, named.file_size)
-        cache = self._cache
-        if digest is not None and cache is not None and bucket.uploader is not None:
-            if bucket.uploader.records.stale:  # may have missed deletions: nothing cached is trusted
-                cache.clear()
-            elif (data := cache.get(digest)) is not None:
-                return self._narinfo_response(request, data, digest)
+        if digest is not None and cache is not None and not stale and (data := cache.get(digest)) is not None:
+            return self._narinfo_response(request, data, digest)
         try:
             async with asyncio.timeout(SLOT_WAIT):  # every read of the bucket takes a slot
                 await self._streams.acquire()

@@ -433,6 +433,14 @@ def test_a_kept_nar_is_served_only_for_a_narinfo_of_the_bucket_in_use_and_goes_w
                 assert await get(session, nar_key) == (200, nar)
                 await asyncio.sleep(0.2)
                 assert kept.exists()
+                uploader = svc.bucket.uploader
+                gets = uploader.s3.requests["GetObject"]
+                assert await get(session, nar_key) == (200, nar)
+                assert uploader.s3.requests["GetObject"] == gets, "served from the disk"
+                listed, uploader.records.last_listed = uploader.records.last_listed, 0.0  # records stale
+                assert await get(session, nar_key) == (200, nar)
+                assert uploader.s3.requests["GetObject"] == gets + 1, "served from the disk, records stale"
+                uploader.records.last_listed = listed
                 write_config(config, settings_for(tmp_path, b, signing_key, port, nar_cache_mb=64))  # then SIGHUP
                 await svc.reload()
                 assert svc.bucket.target[2] == b.name
