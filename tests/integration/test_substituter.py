@@ -323,7 +323,9 @@ def test_with_the_nar_cache_a_second_client_costs_the_bucket_nothing_and_bad_byt
                 for p in closure}  # fmt: skip
     urls = {p: n["URL"] for p, n in narinfos.items()}
     kept = {p: nars_dir / n["FileHash"].removeprefix("sha256:") for p, n in narinfos.items()}  # named by their bytes
-    assert sorted(f.name for f in nars_dir.iterdir()) == sorted(f.name for f in kept.values())
+    # Each is kept once written and fsynced, after the client has it: waited for.
+    wanted = sorted(f.name for f in kept.values())
+    wait_until(lambda: nars_dir.exists() and sorted(f.name for f in nars_dir.iterdir()) == wanted, 30, "NARs kept")
     for p in closure:  # kept byte for byte
         assert kept[p].read_bytes() == bucket.get(urls[p])
 
@@ -340,12 +342,14 @@ def test_with_the_nar_cache_a_second_client_costs_the_bucket_nothing_and_bad_byt
     shutil.rmtree(nars_dir)
     done, _ = substitute(3, [victim])
     assert done.returncode != 0, "Nix accepted bytes that do not match the signed narinfo"
-    assert not nars_dir.exists() or not any(nars_dir.iterdir()), "bad bytes kept"
+    # Nothing kept (a copy's temporary file goes once its writing thread is done with it).
+    wait_until(lambda: not nars_dir.exists() or not any(nars_dir.iterdir()), 30, "nothing kept of the bad bytes")
     # The cache deleted by hand: read again from the bucket, and kept again.
     bucket.client.put_object(Bucket=bucket.name, Key=urls[victim], Body=good)
     done, third = substitute(4, [victim])
     assert done.returncode == 0, done.stderr
     assert third == 2, f"{third} GETs: nix-cache-info and the NAR (its narinfo is cached)"
+    wait_until(kept[victim].exists, 30, "the NAR kept again")
     assert kept[victim].read_bytes() == good
     assert daemon.stop() == 0
 

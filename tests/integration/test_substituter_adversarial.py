@@ -321,6 +321,14 @@ class CuttingProxy:
             await self.session.close()
 
 
+async def soon(predicate: Any, what: str) -> None:
+    """The daemon keeps a NAR once it is written and fsynced, after the client has all of it."""
+    deadline = time.monotonic() + 20
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
 def keep_alive_get(port: int, path: str) -> tuple[float, bytes]:
     """As Nix asks: HTTP/1.1, keep-alive. How long until the connection ends, and what came."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -371,8 +379,8 @@ def test_a_nar_the_bucket_cuts_ends_the_connection_at_once_and_is_not_kept(
             proxy.cut_after = None  # the bucket whole again: served and kept
             took, got = await asyncio.to_thread(keep_alive_get_whole, port, "/" + nar_key)
             assert got.partition(b"\r\n\r\n")[2] == nar
-            await asyncio.sleep(0.2)
-            assert [f.name for f in nars.iterdir()] == [file_hash[7:]], "kept, named by its bytes"
+            # Kept once written and fsynced, after the client has it all: waited for.
+            await soon(lambda: [f.name for f in nars.iterdir()] == [file_hash[7:]], "kept, named by its bytes")
         finally:
             await shutdown(svc)
             await proxy.stop()
@@ -419,7 +427,7 @@ def test_a_kept_nar_is_served_only_for_a_narinfo_of_the_bucket_in_use_and_goes_w
             async with aiohttp.ClientSession() as session:
                 assert await get(session, NARINFO) == (200, narinfo)
                 assert await get(session, nar_key) == (200, nar)
-                await asyncio.sleep(0.2)
+                await soon(kept.exists, "the NAR kept")
                 assert kept.read_bytes() == nar
                 a.client.delete_object(Bucket=a.name, Key=nar_key)  # gone from the bucket, still named
                 assert await get(session, nar_key) == (200, nar), "served from the disk"
@@ -431,8 +439,7 @@ def test_a_kept_nar_is_served_only_for_a_narinfo_of_the_bucket_in_use_and_goes_w
                 a.client.put_object(Bucket=a.name, Key=nar_key, Body=nar)
                 assert await get(session, NARINFO) == (200, narinfo)
                 assert await get(session, nar_key) == (200, nar)
-                await asyncio.sleep(0.2)
-                assert kept.exists()
+                await soon(kept.exists, "the NAR kept again")
                 uploader = svc.bucket.uploader
                 gets = uploader.s3.requests["GetObject"]
                 assert await get(session, nar_key) == (200, nar)
