@@ -23,7 +23,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from nixcache import __version__, metrics
-from nixcache.bucket.signed_get import Reading, SignedGets
+from nixcache.bucket.signed_get import HINTS, Reading, SignedGets, worded
 from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ if TYPE_CHECKING:
 
 _job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
 _STARTED = "nixcache_started"  # the key of an API call's start time in botocore's request context
-_HINTS = {
-    "InvalidAccessKeyId": "the access key is not known to the endpoint: check credentials_file/profile",
-    "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
-    "AccessDenied": "these credentials may not do this: check the bucket policy",
-    "NoSuchBucket": "the bucket does not exist: create it first",
-    # HEAD responses carry no body, so only the status is known:
-    "403": "forbidden: wrong credentials (check credentials_file/profile) or a bucket policy that denies this",
-}
 
 
 @contextlib.contextmanager
@@ -61,8 +53,7 @@ def _describe(err: Exception, where: str) -> S3Error:
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "?")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-        hint = _HINTS.get(str(code), "")
-        return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
+        return worded(where, code, status, HINTS.get(str(code), ""))
     return S3Error(f"{where}: {err}")
 
 
@@ -149,7 +140,6 @@ class S3:
                 session,
                 self.bucket,
                 lambda: self._count("before-send.s3.GetObject"),
-                _HINTS,
                 attempts=self.cfg.max_attempts,
                 connect_timeout=self.cfg.connect_timeout,
                 read_timeout=self.cfg.read_timeout,

@@ -63,6 +63,20 @@ CONNECTIONS = 32
 """Connections to the bucket for reads: its own pool, apart from the uploads' (64)."""
 
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
+HINTS = {
+    "InvalidAccessKeyId": "the access key is not known to the endpoint: check credentials_file/profile",
+    "SignatureDoesNotMatch": "the secret key is wrong: check credentials_file/profile",
+    "AccessDenied": "these credentials may not do this: check the bucket policy",
+    "NoSuchBucket": "the bucket does not exist: create it first",
+    # HEAD responses carry no body, so only the status is known:
+    "403": "forbidden: wrong credentials (check credentials_file/profile) or a bucket policy that denies this",
+}
+"""What to do about an S3 error, by code (or status): the client's and the lean reads' alike."""
+
+
+def worded(where: str, code: object, status: object, hint: str) -> S3Error:
+    """The one wording of an S3 error answer (see :func:`nixcache.bucket.s3._describe`)."""
+    return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
 
 
 def backoff(attempt: int) -> float:
@@ -90,7 +104,6 @@ class SignedGets:
         session: Any,
         bucket: str,
         counted: Callable[[], None],
-        hints: dict[str, str],
         *,
         attempts: int,
         connect_timeout: float,
@@ -101,7 +114,6 @@ class SignedGets:
         self._botocore = session
         self.bucket = bucket
         self._counted = counted
-        self._hints = hints
         self.attempts = attempts
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._user_agent = user_agent
@@ -206,14 +218,13 @@ class SignedGets:
         raise S3Error(f"{where}: {failure} ({self.attempts} attempts)")
 
     def _error(self, response: aiohttp.ClientResponse, code: str, where: str) -> S3Error:
-        """Worded as :func:`nixcache.bucket.s3._describe` words botocore's errors."""
         status = response.status
         code = code or str(status)
-        hint = self._hints.get(code) or self._hints.get(str(status), "")
+        hint = HINTS.get(code) or HINTS.get(str(status), "")
         region = response.headers.get("x-amz-bucket-region")
         if region and region != self.region:  # botocore would redirect; a clear line instead
             hint = f"the bucket is in region {region}, not {self.region}: set s3.region (and its endpoint)"
-        return S3Error(f"{where}: {code} (HTTP {status}){': ' + hint if hint else ''}")
+        return worded(where, code, status, hint)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int = 1 << 16) -> bytes:

@@ -239,7 +239,7 @@ class Substituter(State):
                         self._remember_missing(key)
                         return web.Response(status=404)
                     return web.Response(headers={"Content-Length": str(head.get("ContentLength", 0))})
-                return await self._stream(request, uploader.s3, key)
+                return await self._stream(request, uploader.s3, key, named)
         except S3Error as e:
             log.warning("substituter.failed", key=key, error=str(e))
             return web.Response(status=502)
@@ -271,9 +271,9 @@ class Substituter(State):
         while len(self._nar_of) > MAX_MISSES:
             self._nar_of.pop(next(iter(self._nar_of)))
 
-    async def _stream(self, request: web.Request, s3: S3, key: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, s3: S3, key: str, named: Named | None) -> web.StreamResponse:
+        """``named``: what the narinfo last served of this NAR said of it (None if none)."""
         async with s3.reading(key) as reading:
-            named = self._named_by.get(key)
             if reading is None:
                 self._remember_missing(key)
                 self._named_by.pop(key, None)
@@ -309,26 +309,26 @@ class Substituter(State):
             return response
 
     async def _send_file(self, request: web.Request, key: str, f: BinaryIO, size: int) -> web.StreamResponse:
-        """A NAR from the NAR cache: no request to the bucket, the kernel copies (sendfile)."""
-        with f:
-            response = web.StreamResponse(headers={"Content-Length": str(size)})
-            response.content_type = _content_type(key)
-            await response.prepare(request)
-            if request.method == "GET" and size:
-                transport = request.transport
-                if transport is None:
-                    raise ConnectionResetError("client gone")
-                loop = asyncio.get_running_loop()
-                try:
-                    async with asyncio.timeout(None) as stalled:
-                        for offset in range(0, size, SLICE):
-                            stalled.reschedule(loop.time() + STALL)
-                            await loop.sendfile(transport, f, offset, min(SLICE, size - offset))
-                except (OSError, TimeoutError) as e:  # ConnectionError is an OSError
-                    _cut(request, key, e)
-                    return response
-            await response.write_eof()
-            return response
+        """A NAR from the NAR cache (``f``, opened and closed by ``NarCache.reading``): no request
+        to the bucket, the kernel copies (sendfile)."""
+        response = web.StreamResponse(headers={"Content-Length": str(size)})
+        response.content_type = _content_type(key)
+        await response.prepare(request)
+        if request.method == "GET" and size:
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("client gone")
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(None) as stalled:
+                    for offset in range(0, size, SLICE):
+                        stalled.reschedule(loop.time() + STALL)
+                        await loop.sendfile(transport, f, offset, min(SLICE, size - offset))
+            except (OSError, TimeoutError) as e:  # ConnectionError is an OSError
+                _cut(request, key, e)
+                return response
+        await response.write_eof()
+        return response
 
 
 def _cut(request: web.Request, key: str, error: BaseException) -> None:
