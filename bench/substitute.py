@@ -30,7 +30,7 @@ from typing import Any
 import boto3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upload import NIX, delayed, prepare  # bench/ is not a package
+from upload import NIX, cpu_seconds, delayed, peak_rss_mb, prepare  # bench/ is not a package
 
 from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
 
@@ -39,11 +39,6 @@ def daemon_requests(config: Path) -> dict[str, int]:
     done = subprocess.run([sys.executable, "-m", "nixcache.cli", "status", "--json", "--config", str(config)],
                           check=True, capture_output=True, text=True)  # fmt: skip
     return dict(json.loads(done.stdout)["requests"])
-
-
-def peak_rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
 
 
 def substitute(url: str, top: str, dest: Path, public: str, cache: Path) -> float:
@@ -58,11 +53,6 @@ def substitute(url: str, top: str, dest: Path, public: str, cache: Path) -> floa
     subprocess.run(["chmod", "-R", "u+w", str(dest)], check=False)
     shutil.rmtree(dest, ignore_errors=True)
     return seconds
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Daemon:

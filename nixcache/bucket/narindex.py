@@ -86,14 +86,12 @@ class NarIndex:
         finally:
             db.close()
 
-    def record(self, hash_part: str, text: bytes) -> None:
-        """Remember a narinfo this host has just written (no GET needed for it later)."""
-        e = edges_of(hash_part, text)
+    def record(self, written: list[tuple[str, bytes]]) -> None:
+        """Remember narinfos this host has just written, (hash part, text) each, in one
+        transaction (no GET needed for them later)."""
+        rows = [(h, etag_of_text(text), e.url, " ".join(e.refs)) for h, text in written for e in [edges_of(h, text)]]
         with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO narinfo VALUES (?, ?, ?, ?)",
-                (hash_part, etag_of_text(text), e.url, " ".join(e.refs)),
-            )
+            db.executemany("INSERT OR REPLACE INTO narinfo VALUES (?, ?, ?, ?)", rows)
 
     def urls(self, hashes: set[str]) -> set[str]:
         """The NAR URLs the index already knows for these paths (no request)."""

@@ -276,15 +276,34 @@ class S3:
         return False
 
     async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
-        """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart.
+        """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart,
+        every part ``part_size`` bytes but the last (R2 requires equal parts).
 
         The object appears only once the stream is exhausted without error; on any error an
-        open multipart upload is aborted.
+        open multipart upload is aborted. At most one part is held, plus the chunk that
+        overflows it: each part is joined from its chunks in one copy, and botocore sends a
+        ``bytes`` body without copying it again.
         """
-        buf = bytearray()
+        held: list[bytes | memoryview] = []
+        size = 0
         upload_id: str | None = None
         parts: list[CompletedPartTypeDef] = []
         client = self.client
+
+        def take(n: int) -> bytes:
+            """The first ``n`` held bytes, joined; the rest stays held."""
+            nonlocal held, size
+            taken, total = [], 0
+            while held and total < n:
+                chunk = held.pop(0)
+                if total + len(chunk) > n:
+                    view = memoryview(chunk)
+                    chunk, rest = view[: n - total], view[n - total :]
+                    held.insert(0, bytes(rest))  # less than a chunk: its source may go now
+                taken.append(chunk)
+                total += len(chunk)
+            size -= total
+            return b"".join(taken)
 
         async def part(body: bytes) -> None:
             assert upload_id is not None
@@ -295,20 +314,20 @@ class S3:
         try:
             with self._errors(key):
                 async for chunk in chunks:
-                    buf += chunk
-                    while len(buf) >= part_size:
+                    held.append(chunk)
+                    size += len(chunk)
+                    while size >= part_size:
                         if upload_id is None:
                             resp = await client.create_multipart_upload(
                                 Bucket=self.bucket, Key=key, ContentType=content_type
                             )
                             upload_id = resp["UploadId"]
-                        body, buf = bytes(buf[:part_size]), buf[part_size:]  # the old buffer goes now
-                        await part(body)
+                        await part(take(part_size))
                 if upload_id is None:
-                    await client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buf), ContentType=content_type)
+                    await client.put_object(Bucket=self.bucket, Key=key, Body=take(size), ContentType=content_type)
                     return
-                if buf or not parts:
-                    await part(bytes(buf))
+                if size or not parts:
+                    await part(take(size))
                 await client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )

@@ -126,6 +126,9 @@ class Uploader:
         self.records = Tracker(bucket, cfg.state_dir / "deletion-records", cfg.gc.record_retention)
         self.index: NarIndex | None = NarIndex(cfg.state_dir / "narinfo-index.sqlite")
         """where narinfos this host writes are recorded for its collector (saves a GET each)."""
+        self._unindexed: list[tuple[str, bytes]] = []
+        """narinfos written and not yet in ``index``: recorded once per job, in one transaction
+        (one per narinfo cost a commit, a WAL checkpoint and fsyncs each: a tenth of a push's CPU)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._transfers = asyncio.Semaphore(cfg.upload.workers)
         self._cache_info_written = False
@@ -212,6 +215,7 @@ class Uploader:
                     await self.settle(roots, base, result, infos)
             finally:
                 result.requests = counter
+                await self.flush_index()
         result.seconds = time.monotonic() - started
         return result
 
@@ -227,6 +231,14 @@ class Uploader:
         by_hash = {layout.hash_part(p): p for p in infos if p not in upstream}
         # Every name this host may have given a NAR (the compression may have changed since).
         nar_owner = {k: p for p in by_hash.values() for k in layout.nar_candidates(infos[p].nar_hash_nix32)}
+        try:
+            await self._settle(roots, base, result, by_hash, nar_owner)
+        finally:
+            await self.flush_index()  # what repairs wrote
+
+    async def _settle(
+        self, roots: list[str], base: Baseline, result: PushResult, by_hash: dict[str, str], nar_owner: dict[str, str]
+    ) -> None:
         for _ in range(self.MAX_REPAIRS):
             hits = await self.records.conflicts(base, set(by_hash), set(nar_owner))
             self.forget()
@@ -248,6 +260,17 @@ class Uploader:
             result.repaired += len(force)
             await self._push(roots, result, force)
         raise S3Error(f"the bucket kept changing under this push of {roots[0]}; it will be retried")
+
+    async def flush_index(self) -> None:
+        """Record the narinfos written so far in the index (one transaction)."""
+        if self.index is None or not self._unindexed:
+            return
+        batch, self._unindexed = self._unindexed, []
+        try:
+            await asyncio.to_thread(self.index.record, batch)
+        except Exception as e:  # only a GET saved later: never fail an upload for it
+            log.warning("narindex.disabled", path=str(self.index.path), error=repr(e))
+            self.index = None  # e.g. state_dir not writable by this user: say it once
 
     async def _broken(self, paths: set[str]) -> set[str]:
         """Which of ``paths`` have no narinfo, or one naming a NAR that is missing (a GET and
@@ -320,11 +343,7 @@ class Uploader:
             text = narinfo.signed(self.key).render().encode()
             await self.s3.put(layout.narinfo_key(info.path), text, "text/x-nix-narinfo")
         if self.index is not None:
-            try:
-                await asyncio.to_thread(self.index.record, layout.hash_part(info.path), text)
-            except Exception as e:  # only a GET saved later: never fail an upload for it
-                log.warning("narindex.disabled", path=str(self.index.path), error=repr(e))
-                self.index = None  # e.g. state_dir not writable by this user: say it once
+            self._unindexed.append((layout.hash_part(info.path), text))
         if self.records.epoch == epoch:  # else a collection was learnt meanwhile: ask next time
             self.known_present.add(info.path)
         result.uploaded += 1
