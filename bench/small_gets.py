@@ -1,5 +1,5 @@
 """What one small GET costs the daemon: the aiobotocore client (``S3.get``) vs the substituter's
-lean signed GET (``S3.fetch``, bucket/signed_get.py) vs an anonymous GET, sequentially, against
+lean signed GET (``S3.fetch``, bucket/signed.py) vs an anonymous GET, sequentially, against
 one SeaweedFS on loopback (a narinfo walk is sequential: this is its per-step cost).
 
     python bench/small_gets.py [--n 300] [--rounds 3]

@@ -107,3 +107,15 @@ def served_key(path: str) -> str | None:
         return None
     extension = key[len(NAR_PREFIX) + len(digest) + len(".nar") :]
     return key if extension in ("", ".xz", ".zst", ".bz2", ".br", ".lz4", ".gz") else None
+
+
+MAX_PARTS = 10_000
+"""S3's (and R2's, B2's…) limit on the parts of one multipart upload."""
+
+
+def part_size(configured: int, nar_size: int) -> int:
+    """The part size for a NAR of ``nar_size`` bytes: ``configured``, or more if its
+    compressed form could need more than MAX_PARTS parts (zstd and xz grow incompressible
+    data by well under 1/128, plus their framing)."""
+    largest = nar_size + (nar_size >> 7) + (1 << 20)
+    return max(configured, -(-largest // MAX_PARTS))

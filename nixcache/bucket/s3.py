@@ -6,13 +6,15 @@ Every HTTP request (retries included: users pay for those too) is counted by ope
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import datetime
 import email.utils
+import hashlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from nixcache import __version__, metrics
-from nixcache.bucket.signed_get import HINTS, Reading, SignedGets, worded
+from nixcache.bucket.signed import CONNECTIONS, HINTS, Reading, SignedRequests, worded
 from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 
 _job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
 _STARTED = "nixcache_started"  # the key of an API call's start time in botocore's request context
+WRITE_CONNECTIONS = 64
+HASH_INLINE = 1 << 16
+"""Bodies up to this size are hashed on the event loop; longer ones in a thread."""
 
 
 @contextlib.contextmanager
@@ -91,6 +96,13 @@ def parse_timestamp(value: str | int | float) -> datetime.datetime:
     return botocore.utils.parse_timestamp(value)  # type: ignore[arg-type]  # it takes numbers too
 
 
+async def _sha256(body: bytes | memoryview) -> str:
+    """The hex SHA-256 of a body to sign (in a thread if long: hashlib lets go of the GIL)."""
+    if len(body) <= HASH_INLINE:
+        return hashlib.sha256(body).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+
+
 class S3:
     """One bucket. Use as ``async with S3(cfg) as s3:``."""
 
@@ -100,7 +112,8 @@ class S3:
         self.requests: Counter[str] = Counter()
         self._stack = contextlib.AsyncExitStack()
         self._client: S3Client | None = None
-        self._reads: SignedGets | None = None
+        self._reads: SignedRequests | None = None
+        self._writes: SignedRequests | None = None
 
     async def __aenter__(self) -> S3:
         session = aiobotocore.session.get_session()
@@ -134,18 +147,23 @@ class S3:
         client.meta.events.register("after-call.s3", self._finished)
         client.meta.events.register("after-call-error.s3", self._finished)
         self._client = client
-        self._reads = await self._stack.enter_async_context(
-            SignedGets(
-                client,
-                session,
-                self.bucket,
-                lambda: self._count("before-send.s3.GetObject"),
-                attempts=self.cfg.max_attempts,
-                connect_timeout=self.cfg.connect_timeout,
-                read_timeout=self.cfg.read_timeout,
-                user_agent=f"nixcache/{__version__}",
+        # Lean signed requests for the data path (signed.py): reads, and writes on a pool apart.
+        self._reads, self._writes = [
+            await self._stack.enter_async_context(
+                SignedRequests(
+                    client,
+                    session,
+                    self.bucket,
+                    lambda op: self._count(f"before-send.s3.{op}"),
+                    connections=connections,
+                    attempts=self.cfg.max_attempts,
+                    connect_timeout=self.cfg.connect_timeout,
+                    read_timeout=self.cfg.read_timeout,
+                    user_agent=f"nixcache/{__version__}",
+                )
             )
-        )
+            for connections in (CONNECTIONS, WRITE_CONNECTIONS)
+        ]
         return self
 
     async def __aexit__(
@@ -203,7 +221,7 @@ class S3:
 
     async def fetch(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist: a lean signed GET (see
-        :mod:`nixcache.bucket.signed_get`), for reads on a client's critical path."""
+        :mod:`nixcache.bucket.signed`), for reads on a client's critical path."""
         async with self.reading(key) as reading:
             return None if reading is None else b"".join([chunk async for chunk in reading.chunks])
 
@@ -211,7 +229,7 @@ class S3:
     async def reading(self, key: str) -> AsyncIterator[Reading | None]:
         """The object as a stream (its size, ETag and chunks), or None when it does not exist:
         the body is read inside the block, in bounded memory; leaving early drops the connection.
-        A lean signed GET (see :mod:`nixcache.bucket.signed_get`)."""
+        A lean signed GET (see :mod:`nixcache.bucket.signed`)."""
         assert self._reads is not None, "use `async with S3(...)`"
         started, answered = time.monotonic(), False
         try:
@@ -230,10 +248,24 @@ class S3:
         content_type: str = "application/octet-stream",
         metadata: dict[str, str] | None = None,
     ) -> None:
-        with self._errors(key):
-            await self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata or {}
-            )
+        """PUT ``body`` as ``key``: a lean signed request (see :mod:`nixcache.bucket.signed`)."""
+        headers = {"Content-Type": content_type} | {f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}
+        await self._write(key, body, headers=headers)
+
+    async def _write(self, key: str, body: bytes | memoryview, sha256: str | None = None, **how: Any) -> str:
+        """A lean PUT (an object, or a part with ``part=(upload id, number)``); its ETag."""
+        assert self._writes is not None, "use `async with S3(...)`"
+        digest = sha256 or await _sha256(body)
+        with self._observed("UploadPart" if "part" in how else "PutObject"):
+            return await self._writes.put(key, body, digest, f"s3://{self.bucket}/{key}", **how)
+
+    @contextlib.contextmanager
+    def _observed(self, op: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:  # failed calls take time too, as botocore's are observed
+            metrics.S3_SECONDS.labels(op).observe(time.monotonic() - started)
 
     async def put_if(self, key: str, body: bytes, *, none_match: bool = False, match: str | None = None) -> str | None:
         """Conditional PUT (``If-None-Match: *`` or ``If-Match: etag``): the new ETag, or None
@@ -275,59 +307,55 @@ class S3:
             return True
         return False
 
-    async def upload_stream(self, key: str, chunks: AsyncIterable[bytes], part_size: int, content_type: str) -> None:
+    async def upload_stream(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        part_size: int,
+        content_type: str,
+        digest: Callable[[], bytes] | None = None,
+    ) -> None:
         """Upload a stream in bounded memory: one PUT if it fits in a part, else multipart,
-        every part ``part_size`` bytes but the last (R2 requires equal parts).
+        every part ``part_size`` bytes but the last (R2 requires equal parts). ``digest``, if
+        given, is the SHA-256 of the whole stream once it is exhausted (a single PUT's body is
+        then not hashed again for its signature).
 
         The object appears only once the stream is exhausted without error; on any error an
         open multipart upload is aborted. At most one part is held, plus the chunk that
-        overflows it: each part is joined from its chunks in one copy, and botocore sends a
-        ``bytes`` body without copying it again.
+        overflows it: chunks are copied into the part as they come, and the part is sent from
+        there (lean signed PUTs, see :mod:`nixcache.bucket.signed`).
         """
-        held: list[bytes | memoryview] = []
-        size = 0
+        buf = bytearray()
         upload_id: str | None = None
         parts: list[CompletedPartTypeDef] = []
         client = self.client
 
-        def take(n: int) -> bytes:
-            """The first ``n`` held bytes, joined; the rest stays held."""
-            nonlocal held, size
-            taken, total = [], 0
-            while held and total < n:
-                chunk = held.pop(0)
-                if total + len(chunk) > n:
-                    view = memoryview(chunk)
-                    chunk, rest = view[: n - total], view[n - total :]
-                    held.insert(0, bytes(rest))  # less than a chunk: its source may go now
-                taken.append(chunk)
-                total += len(chunk)
-            size -= total
-            return b"".join(taken)
-
-        async def part(body: bytes) -> None:
+        async def part(body: memoryview) -> None:
             assert upload_id is not None
             n = len(parts) + 1
-            r = await client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=body)
-            parts.append({"ETag": r["ETag"], "PartNumber": n})
+            etag = await self._write(key, body, part=(upload_id, n))
+            parts.append({"ETag": etag, "PartNumber": n})
 
         try:
             with self._errors(key):
                 async for chunk in chunks:
-                    held.append(chunk)
-                    size += len(chunk)
-                    while size >= part_size:
+                    buf += chunk
+                    while len(buf) >= part_size:
                         if upload_id is None:
                             resp = await client.create_multipart_upload(
                                 Bucket=self.bucket, Key=key, ContentType=content_type
                             )
                             upload_id = resp["UploadId"]
-                        await part(take(part_size))
+                        whole = memoryview(buf)
+                        await part(whole[:part_size])
+                        buf = bytearray(whole[part_size:])
+                        del whole  # the sent part goes with the last view of it
                 if upload_id is None:
-                    await client.put_object(Bucket=self.bucket, Key=key, Body=take(size), ContentType=content_type)
+                    whole_sha = digest().hex() if digest is not None else None
+                    await self._write(key, memoryview(buf), whole_sha, headers={"Content-Type": content_type})
                     return
-                if size or not parts:
-                    await part(take(size))
+                if buf or not parts:
+                    await part(memoryview(buf))
                 await client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )

@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not light:
-            from nixcache import logs
+            from nixcache import logs, memory
 
+            memory.tune_malloc()
             logs.configure(args.log_level)
         return run(args)
     except NixcacheError as e:

@@ -39,7 +39,7 @@ MAX_MISSES = 100_000
 """Misses remembered (the oldest are forgotten first)."""
 STREAMS = 32
 """Objects read from the bucket at once (its read pool, apart from the uploads' connections:
-``signed_get.CONNECTIONS``). Others wait up to SLOT_WAIT, then get 503."""
+``signed.CONNECTIONS``). Others wait up to SLOT_WAIT, then get 503."""
 SLOT_WAIT = 30.0
 STALL = 60.0
 """A client that accepts no data for this long is dropped (its stream slot is freed)."""

@@ -175,6 +175,7 @@ class NarResult:
     nar_size: int = 0
     file_hash: str = ""
     file_size: int = 0
+    file_digest: bytes = b""  # the SHA-256 of the compressed stream, raw
 
 
 class Expected(Protocol):
@@ -261,6 +262,7 @@ class NarStream:
     def _check(self, nar_digest: bytes, file_digest: bytes) -> None:
         self.result.nar_hash = "sha256:" + nix32.encode(nar_digest)
         self.result.file_hash = "sha256:" + nix32.encode(file_digest)
+        self.result.file_digest = file_digest
         if self.result.nar_hash != self.info.nar_hash or self.result.nar_size != self.info.nar_size:
             raise NarHashMismatch(
                 f"{self.info.path}: store contents hash to {self.result.nar_hash} "

@@ -102,7 +102,7 @@ def test_a_private_bucket_is_substituted_through_the_daemon_and_not_anonymously(
 def test_wrong_credentials_are_a_502_and_one_clear_log_line(
     tmp_path: Path, private_server: SeaweedFS, signing_key: Key
 ) -> None:
-    """The substituter's reads are signed GETs of their own (bucket/signed_get.py): a wrong
+    """The substituter's reads are signed GETs of their own (bucket/signed.py): a wrong
     secret is worded as the client's errors are, and never served as a missing object."""
     bucket = new_bucket(private_server.endpoint)
     bucket.client.put_object(Bucket=bucket.name, Key="nix-cache-info", Body=b"StoreDir: /nix/store\n")

@@ -66,3 +66,14 @@ def test_narinfo_uses_base_names() -> None:
     assert n.references == ("b-y",)
     assert n.deriver == "d-x.drv"
     assert n.ca == "fixed:sha256:z"
+
+
+def test_a_part_size_never_needs_more_than_s3s_10000_parts() -> None:
+    from nixcache.bucket.layout import MAX_PARTS, part_size
+
+    assert part_size(8 << 20, 600 << 20) == 8 << 20
+    for nar_size in (0, 1, 80 << 30, 200 << 30, (1 << 40) + 12345):
+        size = part_size(8 << 20, nar_size)
+        assert size >= 8 << 20
+        incompressible = nar_size + nar_size // 200 + (64 << 10)  # zstd's worst case, generously
+        assert -(-incompressible // size) <= MAX_PARTS

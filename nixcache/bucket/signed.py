@@ -1,15 +1,24 @@
-"""Signed GETs of whole objects without botocore's per-call pipeline: the substituter's reads.
+"""Signed requests without botocore's per-call pipeline: the substituter's GETs and the
+uploads' PUTs (whole objects and multipart parts).
 
 A client that substitutes a closure asks for one narinfo after another, each a round trip
 through the daemon to the bucket. Through the aiobotocore client, a small GET costs ~1.5 ms of
 CPU on a small machine (parameter validation, a dozen event hooks, response parsing), against
 ~0.5 ms for the same request signed by botocore's own SigV4 signer and sent on a plain aiohttp
-session. So reads go that way: the same signer, credentials (refreshed as botocore refreshes
+session. A push is two PUTs per path, and for its bodies the client costs more: it hashes each
+body again on the event loop for the signature (over HTTP, and over HTTPS too without a
+checksum header), and aiohttp copies it twice more. Here the caller gives the body's SHA-256
+(the push has it already for a whole NAR, or hashes a part in a thread), and aiohttp sends the
+``bytes`` as they are.
+
+Everything else is botocore's: the signer, credentials (refreshed as botocore refreshes
 them), endpoint and addressing style (the URL comes from the client), certificate bundle,
-timeouts and retries (botocore's "standard" mode: connection errors, 5xx and 429, its transient
-and throttling error codes, exponential backoff with jitter, ``max_attempts``); the bytes as
-stored (``Accept-Encoding: identity``), no redirect followed. Every request that reaches the
-wire is counted by the caller's ``counted``.
+timeouts and retries (its "standard" mode: connection errors, 5xx and 429, its transient and
+throttling error codes, exponential backoff with jitter, ``max_attempts``; a PUT of the same
+bytes to the same key is as safe to repeat as a GET). Reads take the bytes as stored
+(``Accept-Encoding: identity``); no redirect is followed. Conditional writes, listings,
+deletes and the multipart upload's creation and completion stay on the client. Every request
+that reaches the wire is counted by the caller's ``counted``, by operation.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import botocore.httpsession
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from nixcache.errors import S3Error
@@ -61,6 +71,11 @@ CHUNK = 1 << 16
 """Read buffer and largest chunk (aiohttp's default; 4× was measured: no less CPU)."""
 CONNECTIONS = 32
 """Connections to the bucket for reads: its own pool, apart from the uploads' (64)."""
+SLICE = 1 << 18
+"""A PUT body longer than this is handed to aiohttp a slice at a time, each awaited: a slow
+connection then never holds a copy of the rest of the body in the transport's buffer."""
+KNOWN_PAYLOAD = "nixcache_payload_sha256"
+"""Where a request's context tells the signer its body's SHA-256 (hex)."""
 
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 HINTS = {
@@ -93,18 +108,28 @@ class Reading(NamedTuple):
     chunks: AsyncIterator[bytes]
 
 
-class SignedGets:
-    """GETs of the objects of ``bucket``, signed as ``client`` signs (the aiobotocore client of
-    :class:`nixcache.bucket.s3.S3`, and its ``session``). Set up at the first read, so that
-    opening the bucket needs neither credentials nor the network, as before."""
+class _Signer(S3SigV4Auth):
+    """botocore's S3 signer, told the body's SHA-256 rather than reading the body for it."""
+
+    def payload(self, request: AWSRequest) -> str:
+        known = request.context.get(KNOWN_PAYLOAD)
+        return known if isinstance(known, str) else str(super().payload(request))
+
+
+class SignedRequests:
+    """Requests to the objects of ``bucket``, signed as ``client`` signs (the aiobotocore client
+    of :class:`nixcache.bucket.s3.S3`, and its ``session``), on a pool of ``connections`` of
+    their own. Set up at the first request, so that opening the bucket needs neither
+    credentials nor the network."""
 
     def __init__(
         self,
         client: Any,
         session: Any,
         bucket: str,
-        counted: Callable[[], None],
+        counted: Callable[[str], None],
         *,
+        connections: int = CONNECTIONS,
         attempts: int,
         connect_timeout: float,
         read_timeout: float,
@@ -114,6 +139,7 @@ class SignedGets:
         self._botocore = session
         self.bucket = bucket
         self._counted = counted
+        self._connections = connections
         self.attempts = attempts
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._user_agent = user_agent
@@ -124,7 +150,7 @@ class SignedGets:
         self.base = ""
         self.region = ""
 
-    async def __aenter__(self) -> SignedGets:
+    async def __aenter__(self) -> SignedRequests:
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -152,7 +178,7 @@ class SignedGets:
                 trace = aiohttp.TraceConfig()
                 trace.on_request_headers_sent.append(self._sent)
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=context),
+                    connector=aiohttp.TCPConnector(limit=self._connections, ssl=context),
                     timeout=self._timeout,
                     read_bufsize=CHUNK,
                     # The bytes as stored: never a compressed copy a proxy or CDN might offer.
@@ -162,37 +188,90 @@ class SignedGets:
                 )
             return self._session
 
-    async def _sent(self, *_: object) -> None:
+    async def _sent(self, _session: object, context: Any, _params: object) -> None:
         """Every request that reaches the wire, aiohttp's own retry on a closed keep-alive
         connection included: users pay for each."""
-        self._counted()
+        self._counted(context.trace_request_ctx["op"])
 
-    async def _headers(self, url: str, where: str) -> dict[str, str]:
+    async def _headers(
+        self, method: str, url: str, where: str, headers: dict[str, str] | None = None, sha256: str | None = None
+    ) -> dict[str, str]:
         try:
             credentials = None if self._credentials is None else await self._credentials.get_frozen_credentials()
         except (BotoCoreError, ClientError) as e:  # a refresh that failed (STS refused, SSO expired…)
             raise S3Error(f"{where}: cannot get credentials: {e}") from None
         if credentials is None:
             raise S3Error(f"{where}: Unable to locate credentials")
-        request = AWSRequest(method="GET", url=url)
-        S3SigV4Auth(credentials, "s3", self.region).add_auth(request)
+        request = AWSRequest(method=method, url=url, headers=headers)
+        if sha256 is not None:
+            request.context[KNOWN_PAYLOAD] = sha256
+        _Signer(credentials, "s3", self.region).add_auth(request)
         return dict(request.headers.items())
+
+    def url(self, key: str) -> str:
+        return self.base + urllib.parse.quote(key, safe="/~")
+
+    async def put(
+        self,
+        key: str,
+        body: bytes | memoryview,
+        sha256: str,
+        where: str,
+        *,
+        headers: dict[str, str] | None = None,
+        part: tuple[str, int] | None = None,
+    ) -> str:
+        """PUT ``body`` (``sha256``: its hex SHA-256) as ``key``, or as part ``part[1]`` of the
+        multipart upload ``part[0]``; the answer's ETag. Failures raise one :class:`S3Error`
+        about ``where``, after the retries."""
+        session = await self._ready(where)
+        url, op = self.url(key), "PutObject"
+        if part is not None:
+            url += f"?partNumber={part[1]}&uploadId={urllib.parse.quote(part[0], safe='-_.~')}"
+            op = "UploadPart"
+        failure = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(backoff(attempt))
+            signed = await self._headers("PUT", url, where, headers, sha256)
+            signed["Content-Length"] = str(len(body))
+            data = _slices(body) if len(body) > SLICE else body  # the transport then holds a slice
+            try:
+                async with session.put(
+                    URL(url, encoded=True), data=data, headers=signed, proxy=self._proxy, allow_redirects=False,
+                    trace_request_ctx={"op": op},
+                ) as response:  # fmt: skip
+                    answer = await _read_capped(response)
+                    if response.status == 200:
+                        return response.headers.get("ETag", "")
+                    failure = self._failure(response, answer, where)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                failure = f"{type(e).__name__}: {e}"
+        raise S3Error(f"{where}: {failure} ({self.attempts} attempts)")
+
+    def _failure(self, response: aiohttp.ClientResponse, answer: bytes, where: str) -> str:
+        """What a retried failure was, to say if it is the last; raise at once for the others."""
+        code = _code(answer)
+        if response.status in RETRIED or code in RETRIED_CODES:
+            return f"{code} (HTTP {response.status})" if code else f"HTTP {response.status}"
+        raise self._error(response.status, response.headers, code, where)
 
     @contextlib.asynccontextmanager
     async def get(self, key: str, where: str) -> AsyncIterator[Reading | None]:
         """The object ``key`` as a stream, or None when it does not exist (404). Other answers
         and failures raise one :class:`S3Error` about ``where``, after the retries."""
         session = await self._ready(where)
-        url = self.base + urllib.parse.quote(key, safe="/~")
+        url = self.url(key)
         failure = ""
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(backoff(attempt))
-            headers = await self._headers(url, where)
+            headers = await self._headers("GET", url, where)
             try:
                 response = await session.get(
-                    URL(url, encoded=True), headers=headers, proxy=self._proxy, allow_redirects=False
-                )
+                    URL(url, encoded=True), headers=headers, proxy=self._proxy, allow_redirects=False,
+                    trace_request_ctx={"op": "GetObject"},
+                )  # fmt: skip
             except (aiohttp.ClientError, TimeoutError) as e:
                 failure = f"{type(e).__name__}: {e}"
                 continue
@@ -203,28 +282,30 @@ class SignedGets:
                     except (aiohttp.ClientError, TimeoutError) as e:  # the error itself cut: retried
                         failure = f"HTTP {response.status}, its answer cut: {type(e).__name__}: {e}"
                         continue
-                    code = _code(body)
-                    if response.status in RETRIED or code in RETRIED_CODES:
-                        failure = f"{code} (HTTP {response.status})" if code else f"HTTP {response.status}"
-                        continue
-                    if response.status == 404 and code != "NoSuchBucket":
+                    if response.status == 404 and _code(body) != "NoSuchBucket":
                         yield None
                         return
-                    raise self._error(response, code, where)
+                    failure = self._failure(response, body, where)
+                    continue
                 length = response.headers.get("Content-Length", "")
                 size = int(length) if length.isdigit() else -1
                 yield Reading(size, response.headers.get("ETag", ""), _chunks(response, where))
                 return
         raise S3Error(f"{where}: {failure} ({self.attempts} attempts)")
 
-    def _error(self, response: aiohttp.ClientResponse, code: str, where: str) -> S3Error:
-        status = response.status
+    def _error(self, status: int, headers: CIMultiDictProxy[str], code: str, where: str) -> S3Error:
         code = code or str(status)
         hint = HINTS.get(code) or HINTS.get(str(status), "")
-        region = response.headers.get("x-amz-bucket-region")
+        region = headers.get("x-amz-bucket-region")
         if region and region != self.region:  # botocore would redirect; a clear line instead
             hint = f"the bucket is in region {region}, not {self.region}: set s3.region (and its endpoint)"
         return worded(where, code, status, hint)
+
+
+async def _slices(body: bytes | memoryview) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(view), SLICE):
+        yield view[start : start + SLICE]
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int = 1 << 16) -> bytes:

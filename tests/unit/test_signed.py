@@ -1,10 +1,12 @@
-"""bucket/signed_get.py, the substituter's lean GETs: the same answers as the botocore client
-(bytes, absent, errors worded alike) against a real moto server, every attempt counted, and
-botocore's retries, against an endpoint that fails on purpose."""
+"""bucket/signed.py, the lean signed requests: the substituter's GETs give the same answers as
+the botocore client (bytes, absent, errors worded alike) and the uploads' PUTs store what it
+would store (bytes, content type, metadata, multipart parts), against a real moto server; every
+attempt is counted, and botocore's retries are kept, against an endpoint that fails on purpose."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from nixcache import metrics
-from nixcache.bucket import signed_get
+from nixcache.bucket import signed
 from nixcache.bucket.s3 import S3, job_requests
 from nixcache.bucket.seaweed import free_port
 from nixcache.config import S3Config
@@ -79,7 +81,8 @@ class Flaky:
         self.seen: list[dict[str, str]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append({"path": request.path_qs, **request.headers})
+        body = await request.read()
+        self.seen.append({"path": request.path_qs, "method": request.method, "body": body.hex(), **request.headers})
         if self.statuses:
             status = self.statuses.pop(0)
             return web.Response(status=status, body=f"<Error><Code>Code{status}</Code></Error>")
@@ -101,7 +104,7 @@ class Flaky:
 
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(signed_get, "backoff", lambda attempt: 0.0)
+    monkeypatch.setattr(signed, "backoff", lambda attempt: 0.0)
 
 
 def flaky_config(tmp_path: Path, attempts: int) -> S3Config:
@@ -123,6 +126,61 @@ def test_5xx_and_429_are_retried_and_every_attempt_counted(tmp_path: Path) -> No
     for seen in flaky.seen:  # signed as botocore signs: SigV4, with the payload hash header
         assert seen["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=")
         assert "x-amz-date" in seen["Authorization"] and seen["X-Amz-Content-SHA256"]
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_puts_are_retried_as_gets_with_the_same_body_and_its_own_hash(tmp_path: Path) -> None:
+    flaky = Flaky([503, 500, 429])
+    cfg = flaky_config(tmp_path, attempts=4)
+    body = bytes(range(256)) * 1000  # hashed in a thread
+
+    async def go(s3: S3) -> int:
+        await s3.put("k.narinfo", body, "text/x-nix-narinfo")
+        return s3.requests["PutObject"]
+
+    assert asyncio.run(flaky.serve(cfg, go)) == 4
+    for seen in flaky.seen:
+        assert (seen["method"], seen["path"], seen["body"]) == ("PUT", "/t-flaky/k.narinfo", body.hex())
+        assert seen["X-Amz-Content-SHA256"] == hashlib.sha256(body).hexdigest()
+        assert seen["Content-Type"] == "text/x-nix-narinfo" and "content-type" in seen["Authorization"]
+
+
+def test_lean_writes_store_what_the_client_would(tmp_path: Path, endpoint: str) -> None:
+    cfg = s3_config(tmp_path, endpoint, "t-lean-writes")
+    part = 5 << 20
+    big = hashlib.shake_256(b"big").digest(2 * part + 12345)  # three parts, the last shorter
+
+    async def chunks(data: bytes, size: int) -> Any:
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    async def main() -> None:
+        async with S3(cfg) as s3:
+            await s3.create_bucket()
+            with job_requests() as job:
+                await s3.put("gcroots/h/x.gcinfo", b"gz", "application/gzip", {"written-by": "h"})
+                await s3.upload_stream("nar/big.nar", chunks(big, 300_001), part, "application/x-nix-nar")
+                small = b"small nar"
+                await s3.upload_stream(
+                    "nar/small.nar",
+                    chunks(small, 4),
+                    part,
+                    "application/x-nix-nar",
+                    lambda: hashlib.sha256(small).digest(),
+                )
+            assert dict(job) == {
+                "PutObject": 2, "CreateMultipartUpload": 1, "UploadPart": 3, "CompleteMultipartUpload": 1
+            }  # fmt: skip
+            head = await s3.head("gcroots/h/x.gcinfo")
+            assert head is not None and head["ContentType"] == "application/gzip"
+            assert head["Metadata"] == {"written-by": "h"}
+            assert await s3.get("nar/big.nar") == big and await s3.get("nar/small.nar") == small
+            for key in ("nar/big.nar", "nar/small.nar"):
+                head = await s3.head(key)
+                assert head is not None and head["ContentType"] == "application/x-nix-nar"
+            assert not (await s3.client.list_multipart_uploads(Bucket=s3.bucket)).get("Uploads")
+
+    asyncio.run(main())
 
 
 @pytest.mark.usefixtures("no_backoff")
@@ -157,7 +215,7 @@ def test_an_unreachable_endpoint_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_backoff_is_botocores_standard_mode() -> None:
     for attempt in range(1, 12):
-        waits = [signed_get.backoff(attempt) for _ in range(200)]
+        waits = [signed.backoff(attempt) for _ in range(200)]
         assert all(0 <= w <= min(20.0, 2.0 ** (attempt - 1)) for w in waits)
         assert max(waits) > min(20.0, 2.0 ** (attempt - 1)) / 2  # jittered over the whole range
 
@@ -182,9 +240,9 @@ def test_the_url_is_the_clients_own(tmp_path: Path, style: str, base: str) -> No
 def test_proxies_are_looked_up_once_as_botocore_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
     monkeypatch.setenv("NO_PROXY", "internal.test")
-    assert signed_get._proxy_for("https://s3.example.test/b/") == "http://proxy.test:3128"
-    assert signed_get._proxy_for("https://s3.internal.test/b/") is None
-    assert signed_get._proxy_for("http://s3.example.test/b/") is None  # no HTTP_PROXY
+    assert signed._proxy_for("https://s3.example.test/b/") == "http://proxy.test:3128"
+    assert signed._proxy_for("https://s3.internal.test/b/") is None
+    assert signed._proxy_for("http://s3.example.test/b/") is None  # no HTTP_PROXY
 
 
 # ---- from an adversarial review (a helper session): each failed on the first version ----------------
@@ -242,7 +300,7 @@ def test_error_codes_are_retried_as_botocores_standard_mode_does(tmp_path: Path)
     from botocore.retries.standard import ThrottledRetryableChecker, TransientRetryableChecker
 
     botocores = TransientRetryableChecker._TRANSIENT_ERROR_CODES + ThrottledRetryableChecker._THROTTLED_ERROR_CODES
-    assert set(botocores) == signed_get.RETRIED_CODES
+    assert set(botocores) == signed.RETRIED_CODES
     raw = Raw(error("400 Bad Request", "RequestTimeout"), error("403 Forbidden", "SlowDown"))
     assert raw.run(tmp_path, lambda s3: s3.fetch("k")) == b"ok"
     assert len(raw.heads) == 3
