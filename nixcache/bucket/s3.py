@@ -6,12 +6,10 @@ Every HTTP request (retries included: users pay for those too) is counted by ope
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import datetime
 import email.utils
-import hashlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
@@ -25,7 +23,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from nixcache import __version__, metrics
-from nixcache.bucket.signed import CONNECTIONS, HINTS, Reading, SignedRequests, worded
+from nixcache.bucket.signed import CONNECTIONS, HINTS, Reading, SignedRequests, payload_sha256, worded
 from nixcache.errors import S3Error
 
 if TYPE_CHECKING:
@@ -37,8 +35,6 @@ if TYPE_CHECKING:
 _job_counters: contextvars.ContextVar[tuple[Counter[str], ...]] = contextvars.ContextVar("s3_jobs", default=())
 _STARTED = "nixcache_started"  # the key of an API call's start time in botocore's request context
 WRITE_CONNECTIONS = 64
-HASH_INLINE = 1 << 16
-"""Bodies up to this size are hashed on the event loop; longer ones in a thread."""
 
 
 @contextlib.contextmanager
@@ -94,13 +90,6 @@ def parse_timestamp(value: str | int | float) -> datetime.datetime:
     except (ValueError, TypeError, IndexError):
         pass
     return botocore.utils.parse_timestamp(value)  # type: ignore[arg-type]  # it takes numbers too
-
-
-async def _sha256(body: bytes | memoryview) -> str:
-    """The hex SHA-256 of a body to sign (in a thread if long: hashlib lets go of the GIL)."""
-    if len(body) <= HASH_INLINE:
-        return hashlib.sha256(body).hexdigest()
-    return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
 
 
 class S3:
@@ -255,7 +244,7 @@ class S3:
     async def _write(self, key: str, body: bytes | memoryview, sha256: str | None = None, **how: Any) -> str:
         """A lean PUT (an object, or a part with ``part=(upload id, number)``); its ETag."""
         assert self._writes is not None, "use `async with S3(...)`"
-        digest = sha256 or await _sha256(body)
+        digest = sha256 or await payload_sha256(body)
         with self._observed("UploadPart" if "part" in how else "PutObject"):
             return await self._writes.put(key, body, digest, f"s3://{self.bucket}/{key}", **how)
 

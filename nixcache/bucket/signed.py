@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import re
 import ssl
@@ -74,6 +75,8 @@ CONNECTIONS = 32
 SLICE = 1 << 18
 """A PUT body longer than this is handed to aiohttp a slice at a time, each awaited: a slow
 connection then never holds a copy of the rest of the body in the transport's buffer."""
+HASH_INLINE = 1 << 16
+"""Bodies up to this size are hashed on the event loop; longer ones in a thread."""
 KNOWN_PAYLOAD = "nixcache_payload_sha256"
 """Where a request's context tells the signer its body's SHA-256 (hex)."""
 
@@ -300,6 +303,13 @@ class SignedRequests:
         if region and region != self.region:  # botocore would redirect; a clear line instead
             hint = f"the bucket is in region {region}, not {self.region}: set s3.region (and its endpoint)"
         return worded(where, code, status, hint)
+
+
+async def payload_sha256(body: bytes | memoryview) -> str:
+    """The hex SHA-256 of a body to sign (in a thread if long: hashlib lets go of the GIL)."""
+    if len(body) <= HASH_INLINE:
+        return hashlib.sha256(body).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
 
 
 async def _slices(body: bytes | memoryview) -> AsyncIterator[memoryview]:

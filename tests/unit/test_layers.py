@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nixcache"
-FLOOR = {"errors", "defaults", "configfile", "logs", "progress", "metrics", "status", "__init__"}
+FLOOR = {"errors", "defaults", "configfile", "logs", "progress", "metrics", "status", "memory", "__init__"}
 ENTRY_POINTS = {"hook"}
 """Top-level modules that are entry points, at the command line's rank (nixcache/hook.py: where
 hook scripts written before the packages still point)."""
