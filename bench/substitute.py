@@ -193,6 +193,7 @@ def main() -> None:
             latency.terminate()
             latency.wait(30)
         weed.stop()
+        shutil.rmtree(weed.data_dir, ignore_errors=True)  # GBs of volumes per run
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     result["latency_ms"] = args.latency_ms

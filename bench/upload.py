@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -203,7 +204,7 @@ def run_daemon(
         os.write(fd, f"{top}\n".encode())
         os.close(fd)
         while True:
-            time.sleep(0.02)
+            time.sleep(0.1)  # each status costs the daemon ~1 ms of CPU: not 50 a second
             now = daemon_status(state)
             if now["uploaded"] - before["uploaded"] >= n_paths and not now["in_flight"] and not now["pending"]:  # type: ignore[operator]
                 break
@@ -293,7 +294,7 @@ def main() -> None:
         def configure(name: str, bucket: str) -> tuple[Path, Path]:
             """A config of its own (state, FIFO, no roots, no collection) per tool and round."""
             state = workdir / f"state-{name}"
-            subprocess.run(["rm", "-rf", str(state)], check=True)
+            shutil.rmtree(state, ignore_errors=True)
             (state / "gcroots").mkdir(parents=True)
             config = workdir / f"bench-{name}.toml"
             config.write_text(
@@ -343,6 +344,7 @@ def main() -> None:
         if proxy is not None:
             proxy.terminate()
         weed.stop()
+        shutil.rmtree(weed.data_dir, ignore_errors=True)  # GBs of volumes per run
     hook = None
     if "push" in tools:
         config, state = configure("push", "unused")
