@@ -329,7 +329,7 @@ class S3:
             with self._errors(key):
                 async for chunk in chunks:
                     buf += chunk
-                    while len(buf) >= part_size:
+                    while len(buf) > part_size:  # a stream of exactly one part is one PUT
                         if upload_id is None:
                             resp = await client.create_multipart_upload(
                                 Bucket=self.bucket, Key=key, ContentType=content_type

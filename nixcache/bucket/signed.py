@@ -245,7 +245,7 @@ class SignedRequests:
                     trace_request_ctx={"op": op},
                 ) as response:  # fmt: skip
                     answer = await _read_capped(response)
-                    if response.status == 200:
+                    if 200 <= response.status < 300:  # as botocore takes any 2xx
                         return response.headers.get("ETag", "")
                     failure = self._failure(response, answer, where)
             except (aiohttp.ClientError, TimeoutError) as e:
@@ -297,8 +297,8 @@ class SignedRequests:
         raise S3Error(f"{where}: {failure} ({self.attempts} attempts)")
 
     def _error(self, status: int, headers: CIMultiDictProxy[str], code: str, where: str) -> S3Error:
+        hint = HINTS.get(code, "") if code else HINTS.get(str(status), "")  # the status's: no code told
         code = code or str(status)
-        hint = HINTS.get(code) or HINTS.get(str(status), "")
         region = headers.get("x-amz-bucket-region")
         if region and region != self.region:  # botocore would redirect; a clear line instead
             hint = f"the bucket is in region {region}, not {self.region}: set s3.region (and its endpoint)"

@@ -19,6 +19,7 @@ import hashlib
 import lzma
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,7 +48,9 @@ _EXECUTABLE = _OPEN + _str(b"type") + _str(b"regular") + _str(b"executable") + _
 _DIRECTORY = _OPEN + _str(b"type") + _str(b"directory")
 _ENTRY = _str(b"entry") + _OPEN + _str(b"name")
 _NODE = _str(b"node")
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+"""O_NONBLOCK: a file replaced by a FIFO after its lstat must not hang the read (the fstat
+that follows finds another inode); it changes nothing for a regular file."""
 
 
 class NarReader:
@@ -66,14 +69,28 @@ class NarReader:
         self._remaining = 0
         self._after = b""
         self._name = b""
+        self._lock = threading.Lock()
+        """Held while reading: ``close`` from the event loop (a cancelled upload) waits for a
+        read in a worker thread to end, rather than close a descriptor it is using."""
+        self._closed = False
 
     def close(self) -> None:
+        """Close the file being read; any later read returns 0. Safe from another thread."""
+        with self._lock:
+            self._closed = True
+            self._close_file()
+
+    def _close_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def readinto(self, view: memoryview) -> int:
         """Fill ``view`` with the next NAR bytes; fewer only at the end (0: it has ended)."""
+        with self._lock:
+            return 0 if self._closed else self._readinto(view)
+
+    def _readinto(self, view: memoryview) -> int:
         pos, end = 0, len(view)
         while pos < end:
             if self._pending:
@@ -89,7 +106,7 @@ class NarReader:
                     pos += k
                     self._remaining -= k
                 else:
-                    self.close()
+                    self._close_file()
                     self._pending = self._after
             elif not self._advance():
                 break
@@ -124,6 +141,9 @@ class NarReader:
             if not size:
                 return head + tail
             self._fd = os.open(path, _O_READ)
+            opened = os.fstat(self._fd)
+            if (opened.st_dev, opened.st_ino, opened.st_size) != (st.st_dev, st.st_ino, size):
+                raise StoreError(f"{os.fsdecode(path)} changed while it was read")
             self._remaining, self._after, self._name = size, tail, path
             return head
         if stat.S_ISDIR(st.st_mode):

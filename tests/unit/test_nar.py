@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nixcache.errors import NarHashMismatch
+from nixcache.errors import NarHashMismatch, StoreError
 from nixcache.formats import nar, nix32
 
 pytestmark = pytest.mark.skipif(shutil.which("nix-store") is None, reason="needs nix-store")
@@ -133,3 +133,48 @@ def test_contents_other_than_the_databases_never_complete_the_stream(tmp_path: P
     except zstandard.ZstdError:
         complete = False
     assert not complete
+
+
+def test_a_cancelled_stream_ends_cancelled_and_leaves_no_file_open(tmp_path: Path) -> None:
+    """From an adversarial review: the reader was closed on the event loop while its worker
+    thread still read (descriptors leaked, or another stream's closed under it)."""
+    for i in range(3000):
+        (tmp_path / f"f{i:05d}").write_bytes(os.urandom(1500))
+    info = info_of(tmp_path, nar.nar_bytes(str(tmp_path)))
+    outcomes: list[str] = []
+
+    async def main() -> None:
+        for i in range(30):
+            stream = nar.NarStream(info, "zstd", 3)
+            task = asyncio.create_task(drain(stream))
+            await asyncio.sleep(0.001 * (i % 10))
+            task.cancel()
+            try:
+                await task
+            except BaseException as e:
+                outcomes.append(type(e).__name__)
+
+    asyncio.run(main())
+    fds = Path("/proc/self/fd")
+    open_here = [t for fd in fds.iterdir() if (t := os.readlink(fd) if fd.exists() else "").startswith(str(tmp_path))]
+    assert set(outcomes) <= {"CancelledError"} and open_here == []
+
+
+def test_an_entry_replaced_after_its_lstat_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"contents")
+    real_lstat = os.lstat
+
+    def lstat_then_swap(path: bytes) -> os.stat_result:
+        st = real_lstat(path)
+        if path.endswith(b"/f"):
+            os.unlink(path)
+            os.mkfifo(path)  # opened blocking, this would wait for a writer forever
+        return st
+
+    monkeypatch.setattr(nar.os, "lstat", lstat_then_swap)
+    with pytest.raises(StoreError, match="changed while it was read"):
+        nar.nar_bytes(str(root))

@@ -85,6 +85,8 @@ class Flaky:
         self.seen.append({"path": request.path_qs, "method": request.method, "body": body.hex(), **request.headers})
         if self.statuses:
             status = self.statuses.pop(0)
+            if status < 300:  # a success other than 200
+                return web.Response(status=status, headers={"ETag": '"e2xx"'})
             return web.Response(status=status, body=f"<Error><Code>Code{status}</Code></Error>")
         return web.Response(body=self.body, headers={"ETag": '"e"'})
 
@@ -160,6 +162,7 @@ def test_lean_writes_store_what_the_client_would(tmp_path: Path, endpoint: str) 
             with job_requests() as job:
                 await s3.put("gcroots/h/x.gcinfo", b"gz", "application/gzip", {"written-by": "h"})
                 await s3.upload_stream("nar/big.nar", chunks(big, 300_001), part, "application/x-nix-nar")
+                await s3.upload_stream("nar/exact.nar", chunks(big[:part], 1 << 20), part, "application/x-nix-nar")
                 small = b"small nar"
                 await s3.upload_stream(
                     "nar/small.nar",
@@ -169,12 +172,13 @@ def test_lean_writes_store_what_the_client_would(tmp_path: Path, endpoint: str) 
                     lambda: hashlib.sha256(small).digest(),
                 )
             assert dict(job) == {
-                "PutObject": 2, "CreateMultipartUpload": 1, "UploadPart": 3, "CompleteMultipartUpload": 1
+                "PutObject": 3, "CreateMultipartUpload": 1, "UploadPart": 3, "CompleteMultipartUpload": 1
             }  # fmt: skip
             head = await s3.head("gcroots/h/x.gcinfo")
             assert head is not None and head["ContentType"] == "application/gzip"
             assert head["Metadata"] == {"written-by": "h"}
             assert await s3.get("nar/big.nar") == big and await s3.get("nar/small.nar") == small
+            assert await s3.get("nar/exact.nar") == big[:part]  # exactly one part: one PUT
             for key in ("nar/big.nar", "nar/small.nar"):
                 head = await s3.head(key)
                 assert head is not None and head["ContentType"] == "application/x-nix-nar"
@@ -196,8 +200,15 @@ def test_retries_give_up_with_one_clear_error(tmp_path: Path) -> None:
 def test_other_answers_are_not_retried(tmp_path: Path) -> None:
     flaky = Flaky([403])
     cfg = flaky_config(tmp_path, attempts=3)
-    with pytest.raises(S3Error, match=r"s3://t-flaky/k: Code403 \(HTTP 403\)"):
+    with pytest.raises(S3Error, match=r"s3://t-flaky/k: Code403 \(HTTP 403\)$"):  # a code: not the bare 403's hint
         asyncio.run(flaky.serve(cfg, lambda s3: s3.fetch("k")))
+    assert len(flaky.seen) == 1
+
+
+def test_any_2xx_answer_to_a_put_is_a_success_as_for_botocore(tmp_path: Path) -> None:
+    flaky = Flaky([204])
+    cfg = flaky_config(tmp_path, attempts=3)
+    assert asyncio.run(flaky.serve(cfg, lambda s3: s3._write("k", b"body"))) == '"e2xx"'
     assert len(flaky.seen) == 1
 
 
