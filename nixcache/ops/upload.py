@@ -301,12 +301,8 @@ class Uploader:
         if not force:
             result.closure, result.upstream = len(infos), len(upstream)
             result.present = len(infos) - len(upstream) - len(todo)
-        # Transfers take the semaphore in this order: largest NAR first, so a big one never
-        # runs alone at the end while the other workers idle. Narinfos still wait for their
-        # references' (in _upload), whatever the order.
-        largest_first = sorted(todo, key=lambda info: info.nar_size, reverse=True)
         outcomes = await asyncio.gather(
-            *(self._ensure(info, infos, upstream, result, force) for info in largest_first), return_exceptions=True
+            *(self._ensure(info, infos, upstream, result, force) for info in todo), return_exceptions=True
         )
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
