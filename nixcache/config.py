@@ -45,9 +45,9 @@ class UploadConfig(_Section):
     skip_signed_by: tuple[str, ...] = ("cache.nixos.org-1",)
     priority: int = Field(default=40, ge=0)
     queue_size: int = Field(default=1000, ge=1)
-    part_size_mb: int = Field(default=8, ge=5, le=512)
-    """Multipart part size: one part is held per transfer (8 MiB × 4 workers keeps a push's
-    peak RSS near 120 MB); raised for a NAR too large for S3's 10,000 parts."""
+    part_size_mb: int = Field(default=10, ge=5, le=512)
+    """Multipart part size: one part is held per transfer (10 MiB × 4 workers keeps a push's
+    peak RSS under 128 MB); raised for a NAR too large for S3's 10,000 parts."""
     retry_interval: float = Field(default=60.0, gt=0)
     """Seconds between attempts at paths whose upload failed (they stay pending meanwhile)."""
     spool_interval: float = Field(default=10.0, gt=0)
