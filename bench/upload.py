@@ -361,6 +361,9 @@ def main() -> None:
         "mb_per_s": {t: round(nar_bytes / 1e6 / median(t, "seconds"), 1) for t in tools},
         "peak_rss_mb": {t: max(r[t]["peak_rss_mb"] for r in rounds) for t in tools},
         "requests_per_path": {t: round(sum(rounds[0][t]["requests"].values()) / n_paths, 2) for t in tools},
+        # The daemon's own count from the FIFO write on (SeaweedFS's includes its start-up's).
+        "daemon_push_requests_per_path": round(sum(json.loads(rounds[0]["daemon"]["summary"]).values()) / n_paths, 3)
+        if "daemon" in tools else None,
         "bucket_mb": {t: rounds[0][t]["bucket_mb"] for t in tools},
         "latency_ms": args.latency_ms,
         "compression_level": args.compression_level if args.compression_level is not None else "default (3)",
