@@ -18,6 +18,7 @@ request counters), plus the post-build hook's latency. Writes bench/out/upload*.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -271,6 +272,9 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy the daemon's push (all threads, native frames) into this raw stacks file")  # fmt: skip
     args = ap.parse_args()
+    # Bytecode as an installed package has it (pip and Nix compile it): where
+    # PYTHONDONTWRITEBYTECODE is set, every `nixcache` start would compile its own sources.
+    compileall.compile_dir(ROOT / "nixcache", quiet=1)
     workdir: Path = args.workdir
     size_mb, paths = DEFAULTS[args.closure]
     top, n_paths, nar_bytes = prepare(workdir, args.size_mb or size_mb, args.paths or paths, args.closure)
