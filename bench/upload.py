@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import boto3
 
 from nixcache.bucket.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_port
+from nixcache.cli.status import query
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {
@@ -167,13 +167,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def daemon_status(state: Path) -> dict[str, object]:
     """What `nixcache status --json` shows, from the control socket (no Python start-up)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(state / "control.sock"))
-        sock.sendall(b"status\n")
-        data = b""
-        while chunk := sock.recv(1 << 16):
-            data += chunk
-    return dict(json.loads(data))
+    return dict(json.loads(query(str(state / "control.sock"))))
 
 
 def run_daemon(

@@ -332,8 +332,9 @@ class Uploader:
             async with self._transfers:
                 nar = NarStream(info, comp, self.cfg.upload.level())
                 part_size = layout.part_size(self.cfg.upload.part_size_mb << 20, info.nar_size)
-                digest = lambda: nar.result.file_digest  # noqa: E731
-                await self.s3.upload_stream(url, nar, part_size, "application/x-nix-nar", digest)
+                await self.s3.upload_stream(
+                    url, nar, part_size, "application/x-nix-nar", lambda: nar.result.file_digest
+                )
             result.nar_keys.add(url)
             deps = [
                 self._ensure(infos[r], infos, upstream, result, force)
